@@ -1,0 +1,1 @@
+"""Python modules generated from proto/upstream.proto by proto/generate.py; do not edit."""

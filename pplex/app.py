@@ -1,0 +1,83 @@
+"""Assembles a running pplex from a validated config: startup and shutdown order.
+
+Order matters: plugins are validated and configured before anything listens;
+the client listener comes up before the admin API (so `/healthz` answering
+means clients can connect); configured upstreams are added last and join
+rotation as their ready probes answer.
+"""
+import logging
+import resource
+
+from pplex.admin import AdminServer, Control, build_app
+from pplex.bridge import GrpcTransport
+from pplex.connection import format_peer
+from pplex.manager import Context, PluginSet
+from pplex.metrics import metrics_exporter
+from pplex.proxy import Proxy
+from pplex.reactor import Reactor
+
+log = logging.getLogger("pplex")
+
+
+def raise_file_limit():
+    """Let pplex hold as many sockets as the hard limit allows; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+class App:
+    def __init__(self, config, admin_token=None):
+        self.config = config
+        self.admin_token = admin_token
+        self.reactor = Reactor()
+        self.plugins = PluginSet(enabled=list(config["plugins"]), settings=config["plugins"])
+        self.context = Context(self.reactor, config, proxy=None)
+        self.plugins.configure(self.context)
+        self.transport = GrpcTransport(self.reactor)
+        self.proxy = Proxy(self.reactor, config, self.plugins, self.transport)
+        self.context.proxy = self.proxy
+        self.control = Control(self.reactor)
+        self.admin = None
+        self.listen_address = None
+        self.admin_address = None
+
+    def start(self):
+        """Listen for clients, serve the admin API, register configured upstreams."""
+        raise_file_limit()
+        server = self.config["server"]
+        self.listen_address = self.proxy.listen(server["host"], server["port"])
+        management = self.config["management_server"]
+        app = build_app(self, token=self.admin_token, metrics=metrics_exporter(self))
+        self.admin = AdminServer(app, management["host"], management["port"])
+        self.admin_address = self.admin.start()
+        if self.admin_token is None and management["host"] not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("the admin API listens on %s with no token: anyone who reaches it can "
+                        "change upstreams; set management_server.token or PPLEX_ADMIN_TOKEN",
+                        management["host"])
+        for spec in self.config["upstream"]:
+            self.proxy.upstreams.add(spec["host"], spec["port"], spec["alive_timeout"], spec["ready_timeout"])
+        if not self.config["upstream"]:
+            log.warning("no upstream configured: clients' messages wait until one is added "
+                        "(POST /upstream/add on the admin API)")
+        return self.listen_address, self.admin_address
+
+    def describe_addresses(self):
+        return (f"pplex listening on {format_peer(self.listen_address)}, "
+                f"admin API on http://{format_peer(self.admin_address)}")
+
+    def run(self):
+        self.reactor.run()
+
+    def stop(self):
+        """Ask the loop to end; safe from any thread or a signal handler."""
+        self.reactor.stop()
+
+    def close(self):
+        self.proxy.shutdown()
+        if self.admin is not None:
+            self.admin.close()
+        self.transport.close()
+        self.reactor.close()

@@ -1,0 +1,129 @@
+"""The `pplex` command: arguments, config loading, startup, signals and exit codes.
+
+    pplex [--config pplex.json] [--listen HOST:PORT] [--upstream HOST:PORT]...
+          [--admin HOST:PORT] [--plugins NAME,...] [--log-level LEVEL]
+    pplex demo [same flags]     # plus an embedded echo worker: nc 127.0.0.1 7999
+    pplex plugins [same flags]  # list every available plugin
+
+Exit codes: 0 after a clean stop (SIGINT/SIGTERM), 1 when a socket cannot be
+bound, 2 for a bad configuration or flag (one line naming the bad value).
+"""
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from pplex import __version__
+from pplex.config import load_file, parse_address, validate
+from pplex.errors import ConfigError
+
+log = logging.getLogger("pplex")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="pplex", description="TCP-to-gRPC demultiplexing proxy.",
+        epilog="Flags override the config file. See README.md.")
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "demo", "plugins"),
+                        help="run (default): the proxy; demo: the proxy plus an embedded echo worker; "
+                             "plugins: list available plugins")
+    parser.add_argument("--config", metavar="FILE", help="pplex.json, or a config.toml of the original layout")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="client listener (default 0.0.0.0:7999)")
+    parser.add_argument("--upstream", metavar="HOST:PORT", action="append", default=[],
+                        help="an upstream worker; repeat for several (replaces the config's list)")
+    parser.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP API (default 127.0.0.1:8000)")
+    parser.add_argument("--plugins", metavar="NAME,...", help="plugins to enable, by short name")
+    parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+    parser.add_argument("--version", action="version", version=f"pplex {__version__}")
+    return parser
+
+
+def load_config(args):
+    """The validated config: file (if any), then flags on top."""
+    source = args.config or "config"
+    raw = load_file(args.config) if args.config else {}
+    raw = dict(raw)
+    if args.listen:
+        host, port = parse_address(args.listen, "--listen")
+        raw["server"] = {**(raw.get("server") or {}), "host": host, "port": port}
+    if args.admin:
+        host, port = parse_address(args.admin, "--admin")
+        raw["management_server"] = {**(raw.get("management_server") or {}), "host": host, "port": port}
+    if args.upstream:
+        raw["upstream"] = [dict(zip(("host", "port"), parse_address(a, "--upstream"))) for a in args.upstream]
+    if args.plugins is not None:
+        names = [n.strip() for n in args.plugins.split(",") if n.strip()]
+        configured = raw.get("plugins") or {}
+        if isinstance(configured, list):
+            configured = {name: {} for name in configured}
+        raw["plugins"] = {**{name: {} for name in names}, **(configured if isinstance(configured, dict) else {})}
+    return validate(raw, source)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args)
+        if args.command == "plugins":
+            return list_plugins(config)
+        token = config["management_server"].get("token") or os.environ.get("PPLEX_ADMIN_TOKEN") or None
+        demo_worker = None
+        if args.command == "demo":
+            demo_worker = start_demo_worker(config)
+        from pplex.app import App
+        app = App(config, admin_token=token)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    try:
+        app.start()
+    except OSError as error:
+        print(f"pplex: {error.strerror or error}", file=sys.stderr)
+        app.close()
+        return 1
+    print(app.describe_addresses(), flush=True)
+    if demo_worker is not None:
+        host, port = app.listen_address
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        print(f"demo: echo worker on 127.0.0.1:{demo_worker.port}; try: nc {shown} {port}", flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: app.stop())
+    try:
+        app.run()
+    finally:
+        app.close()
+        if demo_worker is not None:
+            demo_worker.stop(grace=0.5)
+    log.info("stopped")
+    return 0
+
+
+def start_demo_worker(config):
+    from pplex.worker import EchoWorker
+    worker = EchoWorker().serve(port=0, host="127.0.0.1")
+    config["upstream"] = [{"host": "127.0.0.1", "port": worker.port, "alive_timeout": 30, "ready_timeout": 5},
+                          *config["upstream"]]
+    return worker
+
+
+def list_plugins(config):
+    from pplex.manager import PluginSet
+    plugins = PluginSet(enabled=list(config["plugins"]), settings=config["plugins"])
+    rows = plugins.describe()
+    width = max(len(r["name"]) for r in rows)
+    for row in rows:
+        mark = "enabled" if row["enabled"] else ("default" if row["default"] else "")
+        print(f"{row['name']:<{width}}  {mark:<8} {', '.join(row['hooks'])}")
+        if row.get("settings"):
+            print(f"{'':<{width}}  settings: {row['settings']}")
+        if row.get("error"):
+            print(f"{'':<{width}}  cannot load: {row['error']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

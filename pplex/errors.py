@@ -1,0 +1,13 @@
+"""The exceptions pplex raises on purpose, each carrying a message fit for one log line."""
+
+
+class ConfigError(Exception):
+    """A bad setting: the message names its path, e.g. `upstream[1].port: ...`. Startup exits 2."""
+
+
+class FrameError(Exception):
+    """A framing plugin met input it cannot cut into messages; that client is closed."""
+
+
+class DuplicateUpstream(Exception):
+    """An upstream at the same address is already registered."""

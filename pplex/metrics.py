@@ -1,0 +1,60 @@
+"""Prometheus text exposition of pplex's counters, with prometheus_client.
+
+A custom collector reads the proxy's plain counters when scraped (on the
+reactor thread, through the admin Control), so the per-message path never
+touches a Prometheus object.
+"""
+from prometheus_client import CollectorRegistry, generate_latest, CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+UPSTREAM_STATES = ("connecting", "unready", "ready", "draining")
+
+
+class _ProxyCollector:
+    def __init__(self, app):
+        self.app = app
+
+    def collect(self):
+        proxy = self.app.proxy
+        snap, upstreams = self.app.control.call(
+            lambda: (proxy.stats.snapshot(proxy.conns.values()), [u.as_dict() for u in proxy.upstreams]))
+        yield GaugeMetricFamily("pplex_connections_open", "Open client connections.",
+                                value=snap["connections_open"])
+        for name, key, text in (
+                ("pplex_connections_opened", "connections_opened", "Client connections accepted."),
+                ("pplex_connections_closed", "connections_closed", "Client connections closed."),
+                ("pplex_connections_refused", "connections_refused", "Connections refused at accept."),
+                ("pplex_messages_in", "messages_in", "Messages from clients."),
+                ("pplex_messages_out", "messages_out", "Messages written to clients."),
+                ("pplex_bytes_in", "bytes_in", "Bytes read from clients."),
+                ("pplex_bytes_out", "bytes_out", "Bytes written to clients."),
+                ("pplex_broadcasts", "broadcasts", "Broadcasts delivered."),
+                ("pplex_messages_rerouted", "rerouted", "Messages re-routed after a worker left."),
+                ("pplex_messages_unconfirmed", "unconfirmed",
+                 "Messages written to a stream that broke before the worker answered.")):
+            yield CounterMetricFamily(name, text, value=snap[key])
+        drops = CounterMetricFamily("pplex_drops", "Messages or replies dropped, by reason.",
+                                    labels=["reason"])
+        for reason, count in sorted(snap["drops"].items()):
+            drops.add_metric([reason], count)
+        yield drops
+        state = GaugeMetricFamily("pplex_upstream_state", "1 for the state each upstream is in.",
+                                  labels=["upstream", "address", "state"])
+        routed = CounterMetricFamily("pplex_upstream_messages_routed", "Messages routed to each upstream.",
+                                     labels=["upstream", "address"])
+        for up in upstreams:
+            for name in UPSTREAM_STATES:
+                state.add_metric([up["id"], up["address"], name], 1 if up["state"] == name else 0)
+            routed.add_metric([up["id"], up["address"]], up["messages_routed"])
+        yield state
+        yield routed
+
+
+def metrics_exporter(app):
+    """A function returning (body, content type) for GET /metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ProxyCollector(app))
+
+    def export():
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return export

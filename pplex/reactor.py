@@ -1,0 +1,244 @@
+"""The event loop: one thread, one selector, one timer heap, one wake-up socket.
+
+Owns readiness dispatch for nonblocking sockets, deadlines (a heap of timers
+with lazy cancellation), work queued from other threads, and the end-of-pass
+callbacks through which the proxy flushes what one pass of the loop produced
+(one batch per upstream, one write per client) instead of once per message.
+
+It knows sockets and callbacks, never messages. Anything registered with it is
+called only from the loop thread; other threads reach it only through
+`call_soon_threadsafe`, which costs one wake-up byte per burst, not per call.
+"""
+import collections
+import heapq
+import logging
+import selectors
+import socket
+import threading
+import time
+
+log = logging.getLogger("pplex.reactor")
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+
+# A select() never sleeps longer than this, so a stop request from a signal
+# handler that could not write the wake-up byte is still seen promptly.
+MAX_SELECT_SECONDS = 1.0
+# A callback that holds the loop longer than this is logged: it delays every client.
+SLOW_CALLBACK_SECONDS = 0.1
+
+
+class Timer:
+    """A scheduled call; `cancel()` marks it, the heap drops it when it surfaces."""
+
+    __slots__ = ("when", "seq", "fn", "args", "cancelled", "_reactor")
+
+    def __init__(self, when, seq, fn, args, reactor):
+        self.when = when
+        self.seq = seq
+        self.fn = fn
+        self.args = args
+        self.cancelled = False
+        self._reactor = reactor
+
+    def __lt__(self, other):
+        return (self.when, self.seq) < (other.when, other.seq)
+
+    def cancel(self):
+        if not self.cancelled:
+            self.cancelled = True
+            self.fn = self.args = None
+            self._reactor._timer_cancelled()
+
+
+class Reactor:
+    """Runs handlers for ready sockets, due timers and queued calls, in one thread.
+
+    A registered handler is any object with `on_readable()` and/or
+    `on_writable()`; the selector hands it back with each event, so dispatch is
+    one attribute lookup and one call.
+    """
+
+    def __init__(self, selector=None, clock=time.monotonic):
+        self.clock = clock
+        self._selector = selector or selectors.DefaultSelector()
+        self._timers = []
+        self._timer_seq = 0
+        self._cancelled_timers = 0
+        self._soon = collections.deque()
+        self._threadsafe = collections.deque()
+        self._pass_end = []
+        self._running = False
+        self._thread_id = None
+        # The wake-up pair: another thread writes one byte, the loop wakes.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_pending = False
+        self._selector.register(self._wake_r, READ, _WakeHandler(self))
+
+    # -- sockets -------------------------------------------------------------
+    def register(self, sock, events, handler):
+        self._selector.register(sock, events, handler)
+
+    def modify(self, sock, events, handler):
+        self._selector.modify(sock, events, handler)
+
+    def unregister(self, sock):
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    # -- calls ---------------------------------------------------------------
+    def call_soon(self, fn, *args):
+        """Run fn(*args) on the next pass (loop thread only)."""
+        self._soon.append((fn, args))
+
+    def call_soon_threadsafe(self, fn, *args):
+        """Run fn(*args) on the loop thread; safe from any thread.
+
+        deque.append is atomic; the wake byte is written only when no wake-up
+        is already pending, so a burst of calls costs one system call.
+        """
+        self._threadsafe.append((fn, args))
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, InterruptedError):
+                pass  # the buffer is full of wake bytes: the loop will wake anyway
+            except OSError:
+                pass  # closed during shutdown
+
+    def call_later(self, delay, fn, *args):
+        return self.call_at(self.clock() + delay, fn, *args)
+
+    def call_at(self, when, fn, *args):
+        self._timer_seq += 1
+        timer = Timer(when, self._timer_seq, fn, args, self)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def add_pass_end(self, fn):
+        """Call fn() after every pass, once the pass's events and calls ran."""
+        self._pass_end.append(fn)
+
+    def in_loop_thread(self):
+        return threading.get_ident() == self._thread_id
+
+    def _timer_cancelled(self):
+        self._cancelled_timers += 1
+        # Rebuild when most of the heap is dead weight, so a churn of
+        # connections that each cancel an idle timer cannot grow it unbounded.
+        if self._cancelled_timers > 64 and self._cancelled_timers * 2 > len(self._timers):
+            self._timers = [t for t in self._timers if not t.cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled_timers = 0
+
+    # -- loop ----------------------------------------------------------------
+    def stop(self):
+        """Ask the loop to end after the current pass (safe from any thread)."""
+        self._running = False
+        self.call_soon_threadsafe(_noop)
+
+    def run(self):
+        self._running = True
+        self._thread_id = threading.get_ident()
+        select = self._selector.select
+        timers = self._timers
+        clock = self.clock
+        try:
+            while self._running:
+                timeout = MAX_SELECT_SECONDS
+                if self._soon:
+                    timeout = 0
+                elif self._timers:
+                    timers = self._timers
+                    head = timers[0]
+                    timeout = min(max(head.when - clock(), 0), MAX_SELECT_SECONDS)
+                for key, mask in select(timeout):
+                    handler = key.data
+                    try:
+                        if mask & READ:
+                            handler.on_readable()
+                        if mask & WRITE:
+                            handler.on_writable()
+                    except Exception:
+                        self._report(handler, "socket event")
+                self._run_timers()
+                self._run_soon()
+                for fn in self._pass_end:
+                    try:
+                        fn()
+                    except Exception:
+                        self._report(fn, "end of pass")
+        finally:
+            self._running = False
+
+    def _run_timers(self):
+        timers = self._timers
+        now = self.clock()
+        while timers and timers[0].when <= now:
+            timer = heapq.heappop(timers)
+            if timer.cancelled:
+                self._cancelled_timers -= 1
+                continue
+            fn, args = timer.fn, timer.args
+            timer.cancelled = True  # fired: a later cancel() is a no-op
+            timer.fn = timer.args = None
+            self._call(fn, args)
+            timers = self._timers  # a rebuild in a callback replaces the list
+
+    def _run_soon(self):
+        # Only what was queued before this pass runs now; calls queued by
+        # these callbacks wait for the next pass, so nothing starves select().
+        soon = self._soon
+        for _ in range(len(soon)):
+            fn, args = soon.popleft()
+            self._call(fn, args)
+
+    def _drain_threadsafe(self):
+        self._wake_pending = False  # before draining: a call appended later re-arms the wake byte
+        queue = self._threadsafe
+        while queue:
+            fn, args = queue.popleft()
+            self._call(fn, args)
+
+    def _call(self, fn, args):
+        start = self.clock()
+        try:
+            fn(*args)
+        except Exception:
+            self._report(fn, "callback")
+        took = self.clock() - start
+        if took > SLOW_CALLBACK_SECONDS:
+            log.warning("slow callback %r held the loop for %.3f s", fn, took)
+
+    def _report(self, what, where):
+        log.exception("unhandled error in %s %r", where, what)
+
+    def close(self):
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class _WakeHandler:
+    __slots__ = ("reactor",)
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    def on_readable(self):
+        try:
+            while self.reactor._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        self.reactor._drain_threadsafe()
+
+
+def _noop():
+    pass

@@ -1,0 +1,106 @@
+"""The interface between the proxy core and whatever carries messages to workers.
+
+The core (reactor thread) talks to one `Link` per upstream worker; the link
+reports back through the `LinkEvents` the core gave it. Every `LinkEvents`
+method is called on the reactor thread: a transport that runs its I/O on
+threads (the grpcio bridge) hands its events over with
+`Reactor.call_soon_threadsafe`; a transport that runs inside the reactor (an
+HTTP/2 connection on a nonblocking socket in the same selector) calls them
+directly. Nothing here assumes threads or queues.
+
+Messages travel in batches: a batch is a flat list
+`[client_uuid, payload, time, client_uuid, payload, time, ...]`, so that
+building one costs three appends per message and no tuple.
+"""
+
+
+class Link:
+    """One worker, as seen by the core. Every method is called on the reactor thread."""
+
+    def probe_ready(self, timeout):
+        """Ask the worker whether it is ready; answer with `events.on_ready(link, ok, detail)`.
+
+        Must answer exactly once, within about `timeout` seconds (a deadline
+        counts as not ready).
+        """
+        raise NotImplementedError
+
+    def open_stream(self):
+        """Open the long-lived data stream. Its end is reported by `events.on_stream_closed`."""
+        raise NotImplementedError
+
+    def offer(self, batch):
+        """Hand a batch of messages to the stream, or refuse it.
+
+        Returns True when the link took the batch (it owns the list from then
+        on). Returns False when it still holds an earlier batch it has not
+        started writing; it then calls `events.on_drained(link)` once it can
+        take another. Refusing is how batches grow under load: the caller keeps
+        adding to its batch, and raw bytes from one client merge into one message.
+        """
+        raise NotImplementedError
+
+    def start_live(self, interval):
+        """Send a liveness heartbeat every `interval` seconds; answer each with `events.on_live`."""
+        raise NotImplementedError
+
+    def unanswered(self):
+        """Messages given to the stream and not yet followed by any message from the worker.
+
+        Zero means the worker has spoken since it read the last message
+        written: what draining waits for before it removes a worker.
+        """
+        raise NotImplementedError
+
+    def stop_live(self):
+        """Stop the heartbeat; no more `on_live` for it."""
+        raise NotImplementedError
+
+    def stop_stream(self):
+        """End the data stream (if open) and return `(unsent, unconfirmed)`.
+
+        `unsent`: a batch of the messages it was given and never wrote, which
+        the caller may route elsewhere. `unconfirmed`: how many it wrote after
+        the worker's last message, which cannot be known to have been read.
+        """
+        raise NotImplementedError
+
+    def close(self):
+        """Release everything; no event is reported afterwards."""
+        raise NotImplementedError
+
+
+class LinkEvents:
+    """What a link reports, always on the reactor thread."""
+
+    def on_ready(self, link, ok, detail):
+        """The answer to `probe_ready`: ok is True only for an answer `ready=true`."""
+
+    def on_stream_closed(self, link, detail):
+        """The data stream ended by itself (not by `stop_stream`); `detail` says how."""
+
+    def on_drained(self, link):
+        """The link can take a batch again (after `offer` returned False)."""
+
+    def on_reply(self, link, client_uuid, payload):
+        """The worker sent payload to one client."""
+
+    def on_broadcast(self, link, kind, payload):
+        """The worker sent payload to a set of clients (a BROADCAST_* value)."""
+
+    def on_bad_message(self, link, reason):
+        """The worker sent a message pplex cannot deliver (no target, unknown broadcast)."""
+
+    def on_live(self, link, ok, detail):
+        """One heartbeat's outcome: ok is False for live=false, a deadline or a broken stream."""
+
+
+class Transport:
+    """Makes links; one transport serves every upstream."""
+
+    def connect(self, upstream, events):
+        """Return a Link to `upstream` (host, port) that reports to `events`."""
+        raise NotImplementedError
+
+    def close(self):
+        """Release shared resources (thread pools)."""

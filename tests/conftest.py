@@ -1,0 +1,32 @@
+"""Shared fixtures: pplex processes and in-process gRPC workers, cleaned up after each test."""
+import pytest
+
+from tests.helpers import PplexProcess, RecordingWorker
+
+
+@pytest.fixture
+def start_pplex(tmp_path):
+    started = []
+
+    def start(*args, config=None, env=None):
+        proc = PplexProcess(tmp_path, *args, config=config, env=env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def start_worker():
+    started = []
+
+    def start(worker=None, port=0):
+        worker = (worker or RecordingWorker(f"w{len(started)}")).serve(port=port)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop(grace=0)

@@ -1,0 +1,51 @@
+"""Config validation: defaults, and one-line errors that name the path of the bad value."""
+import pytest
+
+from pplex.config import parse_address, validate
+from pplex.errors import ConfigError
+
+
+def test_defaults_fill_every_section():
+    config = validate({})
+    assert config["server"] == {"host": "0.0.0.0", "port": 7999, "idle_timeout": 0, "active_window": 30,
+                                "max_pending_bytes": 1048576, "max_connections": 100000}
+    assert config["management_server"] == {"host": "127.0.0.1", "port": 8000}
+    assert config["upstream"] == [] and config["plugins"] == {}
+
+
+def test_upstream_timeouts_default_and_dns_names_are_hosts():
+    config = validate({"upstream": [{"host": "worker-1.internal", "port": 50051}]})
+    assert config["upstream"] == [{"host": "worker-1.internal", "port": 50051,
+                                   "alive_timeout": 30, "ready_timeout": 5}]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"upstream": [{"host": "a", "port": 1}, {"host": "b", "port": 70000}]},
+     "pplex.json: upstream[1].port: port must be between 1 and 65535 (got 70000)"),
+    ({"server": {"port": True}}, "pplex.json: server.port: expected an integer port (got true)"),
+    ({"server": {"host": "not a host!"}}, 'pplex.json: server.host: expected a host name or IP address (got "not a host!")'),
+    ({"upstream": [{"host": "a", "port": 1, "alive_timeout": 0}]},
+     "pplex.json: upstream[0].alive_timeout: must be greater than 0 (got 0)"),
+    ({"surprise": 1}, "pplex.json: surprise: unknown key (got 1)"),
+    ({"plugins": "rr"}, 'pplex.json: plugins: expected a list of plugin names or an object of name -> settings (got "rr")'),
+])
+def test_errors_name_the_path(raw, message):
+    with pytest.raises(ConfigError) as error:
+        validate(raw, "pplex.json")
+    assert str(error.value) == message
+
+
+def test_plugins_may_be_a_list_of_names():
+    assert validate({"plugins": ["framing_len", "rr"]})["plugins"] == {"framing_len": {}, "rr": {}}
+
+
+@pytest.mark.parametrize("text, expected", [("127.0.0.1:80", ("127.0.0.1", 80)), ("[::1]:7999", ("::1", 7999)),
+                                            ("example.org:1", ("example.org", 1))])
+def test_parse_address(text, expected):
+    assert parse_address(text, "--listen") == expected
+
+
+@pytest.mark.parametrize("text", ["7999", ":80", "host:port"])
+def test_parse_address_rejects(text):
+    with pytest.raises(ConfigError, match="--listen"):
+        parse_address(text, "--listen")
