@@ -12,6 +12,7 @@ grpcio's thread.
 import concurrent.futures
 import logging
 import threading
+import time
 
 import grpc
 from google.protobuf import empty_pb2
@@ -74,15 +75,20 @@ class GrpcLink(Link):
         self._stream = None   # the current _StreamState
         self._live = None
         self._live_stop = None
+        # Latest round trips in seconds, for metrics (plain floats: read from any thread).
+        self.ready_seconds = None
+        self.live_seconds = None
 
     # -- readiness -----------------------------------------------------------
     def probe_ready(self, timeout):
+        started = time.monotonic()
         future = self._stub.ready.future(_EMPTY, timeout=timeout)
-        future.add_done_callback(self._ready_answered)
+        future.add_done_callback(lambda done: self._ready_answered(done, started))
 
-    def _ready_answered(self, future):
+    def _ready_answered(self, future, started):
         try:
             ok = future.result().ready
+            self.ready_seconds = time.monotonic() - started
             detail = "ready" if ok else "worker answered ready=false"
         except Exception as error:  # grpc.RpcError or cancellation
             ok, detail = False, describe_rpc_error(error)
@@ -193,19 +199,22 @@ class GrpcLink(Link):
     def start_live(self, interval):
         self.stop_live()
         stop = threading.Event()
+        sent_at = [0.0]
 
         def heartbeats():
             while not stop.is_set():
+                sent_at[0] = time.monotonic()
                 yield _EMPTY
                 stop.wait(interval)
 
         call = self._stub.live(heartbeats())
         self._live, self._live_stop = call, stop
-        self._pool.submit(self._read_live, call, stop)
+        self._pool.submit(self._read_live, call, stop, sent_at)
 
-    def _read_live(self, call, stop):
+    def _read_live(self, call, stop, sent_at):
         try:
             for answer in call:
+                self.live_seconds = time.monotonic() - sent_at[0]
                 self._post(self._emit, self.events.on_live, answer.live,
                            "live" if answer.live else "worker answered live=false")
             detail = "worker ended the live stream"

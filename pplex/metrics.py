@@ -42,12 +42,20 @@ class _ProxyCollector:
                                   labels=["upstream", "address", "state"])
         routed = CounterMetricFamily("pplex_upstream_messages_routed", "Messages routed to each upstream.",
                                      labels=["upstream", "address"])
+        live = GaugeMetricFamily("pplex_upstream_live_rtt_seconds",
+                                 "Round trip of the latest live heartbeat.", labels=["upstream", "address"])
+        ready = GaugeMetricFamily("pplex_upstream_ready_probe_seconds",
+                                  "Duration of the latest successful ready probe.", labels=["upstream", "address"])
         for up in upstreams:
+            labels = [up["id"], up["address"]]
             for name in UPSTREAM_STATES:
-                state.add_metric([up["id"], up["address"], name], 1 if up["state"] == name else 0)
-            routed.add_metric([up["id"], up["address"]], up["messages_routed"])
-        yield state
-        yield routed
+                state.add_metric(labels + [name], 1 if up["state"] == name else 0)
+            routed.add_metric(labels, up["messages_routed"])
+            if up["live_rtt_seconds"] is not None:
+                live.add_metric(labels, up["live_rtt_seconds"])
+            if up["ready_probe_seconds"] is not None:
+                ready.add_metric(labels, up["ready_probe_seconds"])
+        yield from (state, routed, live, ready)
 
 
 def metrics_exporter(app):

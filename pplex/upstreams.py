@@ -74,6 +74,8 @@ class Upstream:
             "state": self.state, "alive_timeout": self.alive_timeout,
             "ready_timeout": self.ready_timeout, "messages_routed": self.routed,
             "last_error": self.last_error,
+            "live_rtt_seconds": getattr(self.link, "live_seconds", None),
+            "ready_probe_seconds": getattr(self.link, "ready_seconds", None),
         }
 
 

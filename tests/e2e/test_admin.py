@@ -74,11 +74,20 @@ def test_connections_list_and_close(start_pplex, start_worker):
     assert pplex.admin("DELETE", f"/connections/{talker['uuid']}")[0] == 404
 
 
-def test_metrics_and_plugins(start_pplex):
-    pplex = start_pplex()
+def test_metrics_and_plugins(start_pplex, start_worker):
+    worker = start_worker()
+    pplex = start_pplex(config={"upstream": [{"host": "127.0.0.1", "port": worker.port, "alive_timeout": 0.2}]})
+    pplex.wait_ready_upstreams(1)
+    client = pplex.client()
+    client.send(b"counted\n")
+    assert client.recv_line() == b"counted"
+    wait_for(lambda: pplex.upstreams()[0]["live_rtt_seconds"] is not None, message="a heartbeat answered")
     status, text = pplex.admin("GET", "/metrics")
     assert status == 200
-    assert "pplex_connections_open 0.0" in text and "pplex_messages_unconfirmed_total" in text
+    assert "pplex_connections_open 1.0" in text and "pplex_messages_unconfirmed_total 0.0" in text
+    assert "pplex_messages_in_total 1.0" in text
+    assert f'pplex_upstream_state{{address="127.0.0.1:{worker.port}",state="ready",upstream="u1"}} 1.0' in text
+    assert "pplex_upstream_live_rtt_seconds{" in text and "pplex_upstream_ready_probe_seconds{" in text
     status, body = pplex.admin("GET", "/plugins")
     rows = {p["name"]: p for p in body["plugins"]}
     assert rows["rr"]["enabled"] and rows["rr"]["hooks"] == ["pplex_balance", "pplex_configure"]
