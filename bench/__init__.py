@@ -1,0 +1,1 @@
+"""pplex benchmark harness: run with `python -m bench` (see bench/README.md)."""

@@ -1,0 +1,365 @@
+"""pplex benchmark: pplex against HAProxy, gRPC-direct and the generator's ceiling.
+
+Run from the repository root:
+
+    .venv/bin/python -m bench                       # defaults, about 2 minutes
+    .venv/bin/python -m bench --clients 1,100,1000 --seconds 5 --json out.json
+
+See bench/README.md for what each row means and how to read the ratios.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+from . import procs, report, runner, targets
+from .procs import StartError
+from .runner import RowError
+
+ROWS = ("ceiling", "haproxy", "pplex", "grpc")
+ROW_TITLES = {
+    "ceiling": "generator ceiling",
+    "haproxy": "HAProxy",
+    "pplex": "pplex",
+    "grpc": "gRPC direct",
+}
+
+_T0 = time.monotonic()
+
+
+def progress(msg):
+    sys.stderr.write("[%6.1fs] %s\n" % (time.monotonic() - _T0, msg))
+    sys.stderr.flush()
+
+
+def _int_list(text):
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated integers, got %r" % text)
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("expected integers >= 1, got %r" % text)
+    return values
+
+
+def _row_list(text):
+    rows = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [r for r in rows if r not in ROWS]
+    if bad or not rows:
+        raise argparse.ArgumentTypeError("rows are a comma-separated subset of %s" % ",".join(ROWS))
+    return rows
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Closed-loop TCP benchmark of pplex vs HAProxy (TCP mode), gRPC-direct "
+                    "and the load generator's own ceiling; see bench/README.md.")
+    ap.add_argument("--clients", type=_int_list, default=[1, 100, 1000],
+                    help="client counts N, comma-separated (default 1,100,1000)")
+    ap.add_argument("--seconds", type=float, default=5.0,
+                    help="measured seconds per row (default 5)")
+    ap.add_argument("--warmup", type=float, default=1.0,
+                    help="unmeasured warm-up seconds before each row (default 1)")
+    ap.add_argument("--size", type=int, default=32, help="message size in bytes (default 32)")
+    ap.add_argument("--pipeline", type=int, default=16,
+                    help="messages in flight per client for the pipelined figure (default 16; 0 skips it)")
+    ap.add_argument("--pipeline-clients", type=int, default=100,
+                    help="clients for the pipelined figure (default 100)")
+    ap.add_argument("--idle-conns", type=int, default=10000,
+                    help="idle connections for the memory figure (default 10000; 0 skips it)")
+    ap.add_argument("--memory-haproxy", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure HAProxy's idle memory per connection (default on)")
+    ap.add_argument("--worker", choices=("auto", "go", "python"), default="auto",
+                    help="echo worker behind pplex and gRPC-direct (default: go if "
+                         "conformance/go-upstream/bin/go-upstream exists, else python)")
+    ap.add_argument("--rows", type=_row_list, default=list(ROWS),
+                    help="subset of rows to run: %s (default all)" % ",".join(ROWS))
+    ap.add_argument("--json", metavar="PATH", help="also write all results as JSON to PATH")
+    ap.add_argument("--keep-logs", action="store_true",
+                    help="keep the temp dir with configs and child stderr logs")
+    args = ap.parse_args(argv)
+    if args.seconds <= 0 or args.warmup < 0 or args.size < 1 or args.pipeline < 0 \
+            or args.pipeline_clients < 1 or args.idle_conns < 0:
+        ap.error("--seconds > 0, --warmup >= 0, --size >= 1, --pipeline >= 0, "
+                 "--pipeline-clients >= 1, --idle-conns >= 0")
+    return args
+
+
+def build():
+    script = os.path.join(targets.BENCH, "build.sh")
+    r = subprocess.run(["bash", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    if r.returncode != 0:
+        raise SystemExit("bench/build.sh failed:\n" + r.stdout.decode("utf-8", "replace"))
+
+
+def machine_info():
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    try:
+        hv = subprocess.run([haproxy, "-v"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            timeout=10).stdout.decode().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        hv = "haproxy: not found"
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "haproxy": hv,
+    }
+
+
+class Bench:
+    def __init__(self, args, ps, tmpdir, nofile):
+        self.args = args
+        self.ps = ps
+        self.tmpdir = tmpdir
+        self.nofile = nofile
+        self.echo = self.haproxy = self.worker = self.pplex = None
+        self.echo_addr = self.haproxy_addr = self.pplex_addr = None
+        self.worker_target = None
+        self.errors = {}  # target -> why it is unavailable
+        self.rows = []
+        self.pipelined = []
+        self.memory = []
+
+    # -- targets -----------------------------------------------------------
+
+    def start_targets(self):
+        a = self.args
+        self.echo, self.echo_addr = targets.start_echo(self.ps)
+        progress("echo server on %s:%d" % self.echo_addr)
+        if "haproxy" in a.rows or (a.idle_conns and a.memory_haproxy):
+            try:
+                self.haproxy, self.haproxy_addr, maxconn = targets.start_haproxy(
+                    self.ps, self.tmpdir, self.echo_addr, self.nofile)
+                progress("haproxy (nbthread 1, maxconn %d) on %s:%d" % ((maxconn,) + self.haproxy_addr))
+            except StartError as exc:
+                self.errors["haproxy"] = str(exc)
+                progress("HAProxy unavailable: %s" % exc)
+        if {"pplex", "grpc"} & set(a.rows) or a.idle_conns:
+            kind, why = targets.choose_worker(a.worker)
+            self.worker_kind = kind
+            progress("worker: %s (%s)" % (kind, why))
+            try:
+                self.worker, self.worker_target = targets.start_worker(self.ps, kind)
+                progress("worker ready on %s" % self.worker_target)
+            except StartError as exc:
+                self.errors["worker"] = str(exc)
+                progress("worker unavailable: %s" % exc)
+        if "pplex" in a.rows:
+            self.start_pplex()
+
+    def start_pplex(self):
+        if self.worker is None:
+            self.errors["pplex"] = "no worker: %s" % self.errors.get("worker", "not started")
+            return
+        try:
+            self.pplex, self.pplex_addr, admin = targets.start_pplex(self.ps, self.worker_target)
+            self.errors.pop("pplex", None)
+            progress("pplex on %s:%d (admin %s:%d), upstream %s" % (
+                self.pplex_addr + admin + (self.worker_target,)))
+        except StartError as exc:
+            self.errors["pplex"] = str(exc)
+            progress("pplex unavailable: %s" % exc)
+
+    # -- rows --------------------------------------------------------------
+
+    def _watch(self, row):
+        w = {}
+        if row == "ceiling":
+            w["echo"] = self.echo.pid
+        elif row == "haproxy":
+            w["haproxy"] = self.haproxy.pid
+            w["echo"] = self.echo.pid
+        elif row == "pplex":
+            w["pplex"] = self.pplex.pid
+            w["worker"] = self.worker.pid
+        elif row == "grpc":
+            w["worker"] = self.worker.pid
+        return w
+
+    def _unavailable(self, row):
+        if row == "haproxy" and self.haproxy is None:
+            return self.errors.get("haproxy", "not started")
+        if row == "pplex" and self.pplex is None:
+            return self.errors.get("pplex", "not started")
+        if row == "grpc" and self.worker is None:
+            return self.errors.get("worker", "not started")
+        if row == "pplex" and not self.pplex.alive():
+            return "pplex process has exited%s" % self.pplex.diagnostics()
+        return None
+
+    def run_row(self, row, clients, pipeline=1):
+        a = self.args
+        entry = {"row": row, "title": ROW_TITLES[row], "clients": clients, "pipeline": pipeline}
+        why = self._unavailable(row)
+        label = "N=%d%s %s" % (clients, " x%d in flight" % pipeline if pipeline > 1 else "", ROW_TITLES[row])
+        if why:
+            entry["error"] = why.splitlines()[0]
+            progress("%s: skipped: %s" % (label, entry["error"]))
+            return entry
+        progress("%s: running (%gs + %gs warm-up)" % (label, a.seconds, a.warmup))
+        try:
+            if row == "grpc":
+                res = runner.run_grpc_direct(self.ps, self.worker_target, clients, a.seconds,
+                                             a.warmup, a.size, self._watch(row))
+            else:
+                addr = {"ceiling": self.echo_addr, "haproxy": self.haproxy_addr,
+                        "pplex": self.pplex_addr}[row]
+                res = runner.run_loadgen(self.ps, addr, clients, a.seconds, a.warmup,
+                                         a.size, pipeline, self._watch(row))
+        except (RowError, StartError, OSError) as exc:
+            entry["error"] = str(exc)
+            progress("%s: FAILED: %s" % (label, exc))
+            return entry
+        entry.update(res)
+        progress("%s: %s rt/s  p50 %s us  p99 %s us  errors %d  cpu %s" % (
+            label, report.fmt_int(res["rt_per_s"]), res["p50_us"], res["p99_us"],
+            res.get("errors", 0), report.fmt_cpu(res.get("cpu", {}))))
+        return entry
+
+    def run_all(self):
+        a = self.args
+        for n in a.clients:
+            for row in ROWS:
+                if row in a.rows:
+                    self.rows.append(self.run_row(row, n))
+        if a.pipeline:
+            for row in ("ceiling", "haproxy", "pplex"):
+                if row in a.rows:
+                    self.pipelined.append(self.run_row(row, a.pipeline_clients, a.pipeline))
+        if a.idle_conns:
+            self.run_memory()
+
+    # -- idle memory -------------------------------------------------------
+
+    def run_memory(self):
+        a = self.args
+        # Fresh processes: after the load rows their allocators hold freed
+        # memory that new connections would reuse, hiding the real cost.
+        if self.pplex is not None:
+            self.ps.stop(self.pplex)
+            self.pplex = None
+        self.start_pplex()
+        self.memory.append(self._memory_one("pplex", self.pplex, self.pplex_addr, 1))
+        if self.pplex is not None:
+            self.ps.stop(self.pplex)
+            self.pplex = None
+        if a.memory_haproxy:
+            if self.haproxy is not None:
+                self.ps.stop(self.haproxy)
+                self.haproxy = None
+            try:
+                self.haproxy, self.haproxy_addr, _ = targets.start_haproxy(
+                    self.ps, self.tmpdir, self.echo_addr, self.nofile)
+            except StartError as exc:
+                self.errors["haproxy"] = str(exc)
+            # HAProxy holds two descriptors per connection (client + backend):
+            # if RLIMIT_NOFILE cannot be raised enough, measure fewer.
+            conns = min(a.idle_conns, (self.nofile - 300) // 2)
+            self.memory.append(self._memory_one("HAProxy", self.haproxy, self.haproxy_addr, 2, conns))
+
+    def _memory_one(self, name, proc, addr, fds_per_conn, conns=None):
+        a = self.args
+        conns = conns or a.idle_conns
+        if proc is None:
+            why = self.errors.get(name.lower(), "not started").splitlines()[0]
+            progress("idle memory %s: skipped: %s" % (name, why))
+            return {"target": name, "error": why}
+        note = "" if conns == a.idle_conns else " (not %d: RLIMIT_NOFILE %d)" % (a.idle_conns, self.nofile)
+        progress("idle memory %s: opening %d idle connections%s" % (name, conns, note))
+        try:
+            res = runner.idle_memory(proc.pid, addr, conns, fds_per_conn=fds_per_conn,
+                                     progress=progress)
+        except (OSError, RuntimeError) as exc:
+            progress("idle memory %s: FAILED: %s" % (name, exc))
+            return {"target": name, "error": str(exc)}
+        res["target"] = name
+        if not proc.alive():
+            res["error"] = "process exited during the test%s" % proc.diagnostics()
+        progress("idle memory %s: %s accepted, %s bytes/conn" % (
+            name, res["accepted"], report.fmt_int(res["bytes_per_conn"])))
+        return res
+
+
+def _terminate(signum, frame):
+    # Turn SIGTERM/SIGHUP into the Ctrl-C path so every child group is stopped.
+    raise KeyboardInterrupt("signal %d" % signum)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    nofile = procs.raise_nofile()
+    progress("RLIMIT_NOFILE %d; building Go helpers (bench/build.sh)" % nofile)
+    build()
+    info = machine_info()
+    tmpdir = tempfile.mkdtemp(prefix="pplex-bench-")
+    ps = procs.ProcSet(tmpdir)
+    bench = Bench(args, ps, tmpdir, nofile)
+    started = time.time()
+    failed = False
+    try:
+        bench.start_targets()
+        bench.run_all()
+    except KeyboardInterrupt:
+        progress("interrupted: stopping everything")
+        failed = True
+    except Exception as exc:  # noqa: BLE001 - report what we have, then fail
+        progress("benchmark aborted: %s" % exc)
+        traceback.print_exc(file=sys.stderr)
+        failed = True
+    finally:
+        ps.stop_all()
+        if args.keep_logs:
+            progress("logs kept in %s" % tmpdir)
+        else:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    results = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "machine": info,
+        "config": {
+            "clients": args.clients, "seconds": args.seconds, "warmup": args.warmup,
+            "size": args.size, "pipeline": args.pipeline,
+            "pipeline_clients": args.pipeline_clients, "idle_conns": args.idle_conns,
+            "worker": getattr(bench, "worker_kind", None), "rows": args.rows,
+            "rlimit_nofile": nofile,
+        },
+        "unavailable": bench.errors,
+        "rows": bench.rows,
+        "pipelined": bench.pipelined,
+        "memory": bench.memory,
+    }
+    results["ratios"] = report.ratios(bench.rows, bench.pipelined)
+    sys.stdout.write(report.render(results))
+    sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+        progress("results written to %s" % args.json)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

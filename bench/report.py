@@ -1,0 +1,174 @@
+"""Ratios and the printed report of a benchmark run."""
+
+CPU_ORDER = ("generator", "pplex", "haproxy", "worker", "echo", "machine")
+CPU_SHORT = {"generator": "gen", "machine": "| machine"}
+# A row whose "other" CPU exceeds this (% of one core) ran on a busy box.
+OTHER_LOAD_WARN = 25
+
+
+def fmt_int(v):
+    return "{:,}".format(int(round(v)))
+
+
+def fmt_us(v):
+    if v >= 10000:
+        return "{:,}".format(int(round(v)))
+    return "%.1f" % v
+
+
+def fmt_cpu(cpu):
+    parts = []
+    for name in CPU_ORDER:
+        if name in cpu and not isinstance(cpu[name], dict):
+            parts.append("%s %d" % (CPU_SHORT.get(name, name), round(cpu[name])))
+    if "other" in cpu:
+        parts.append("(other %d)" % round(cpu["other"]))
+    return " ".join(parts)
+
+
+def fmt_ratio(r):
+    return "n/a" if r is None else "%.2fx" % r
+
+
+def _find(rows, row, clients):
+    for r in rows:
+        if r["row"] == row and r["clients"] == clients and "error" not in r:
+            return r
+    return None
+
+
+def _ratio(a, b, key="rt_per_s"):
+    if a is None or b is None or not b.get(key):
+        return None
+    return round(a[key] / b[key], 3)
+
+
+def ratios(rows, pipelined):
+    out = {"closed_loop": [], "pipelined": None}
+    for n in sorted({r["clients"] for r in rows}):
+        p = _find(rows, "pplex", n)
+        h = _find(rows, "haproxy", n)
+        g = _find(rows, "grpc", n)
+        c = _find(rows, "ceiling", n)
+        out["closed_loop"].append({
+            "clients": n,
+            "pplex_over_haproxy": _ratio(p, h),
+            "pplex_over_grpc_direct": _ratio(p, g),
+            "haproxy_over_ceiling": _ratio(h, c),
+            "p50_pplex_over_haproxy": _ratio(p, h, "p50_us"),
+            "p99_pplex_over_haproxy": _ratio(p, h, "p99_us"),
+        })
+    if pipelined:
+        n = pipelined[0]["clients"]
+        p = _find(pipelined, "pplex", n)
+        h = _find(pipelined, "haproxy", n)
+        out["pipelined"] = {"clients": n, "pplex_over_haproxy": _ratio(p, h)}
+    return out
+
+
+def _row_line(r, width):
+    title = r["title"]
+    if "error" in r:
+        return "%7d  %-*s  FAILED: %s" % (r["clients"], width, title, r["error"].splitlines()[0][:100])
+    warn = "  (!) %s" % r["warning"].splitlines()[-1][:60] if r.get("warning") else ""
+    if r.get("cpu", {}).get("other", 0) > OTHER_LOAD_WARN:
+        warn += "  *"
+    return "%7d  %-*s %11s %10s %10s %7d   %s%s" % (
+        r["clients"], width, title, fmt_int(r["rt_per_s"]), fmt_us(r["p50_us"]),
+        fmt_us(r["p99_us"]), r.get("errors", 0), fmt_cpu(r.get("cpu", {})), warn)
+
+
+def render(res):
+    cfg = res["config"]
+    m = res["machine"]
+    L = []
+    w = L.append
+    w("")
+    w("pplex benchmark  %s  (%.0f s)" % (res["started"], res["duration_s"]))
+    w("machine: %s CPUs %s, Linux %s, Python %s, %s" % (
+        m["cpus"], m["cpu_model"], m["kernel"], m["python"], m["haproxy"]))
+    w("load: closed loop, %d-byte messages, 1 in flight per client, %g s measured after %g s warm-up;"
+      " worker: %s" % (cfg["size"], cfg["seconds"], cfg["warmup"], cfg["worker"] or "-"))
+    for name, why in sorted(res["unavailable"].items()):
+        w("UNAVAILABLE %s: %s" % (name, why.splitlines()[0]))
+    w("")
+    width = 17
+    w("%7s  %-*s %11s %10s %10s %7s   %s" % ("clients", width, "row", "round trips/s", "p50 us",
+                                         "p99 us", "errors", "CPU % during the window (100 = one core)"))
+    last = None
+    for r in res["rows"]:
+        if last is not None and r["clients"] != last:
+            w("")
+        last = r["clients"]
+        w(_row_line(r, width))
+
+    detail = [r for r in res["rows"] + res["pipelined"] if r.get("cpu", {}).get("threads", {}).get("pplex")]
+    if detail:
+        w("")
+        w("pplex CPU by thread (% of one core): main = the main thread (pplex's reactor: client"
+          " sockets), pplex = its other Python threads (gRPC stream readers/writers),"
+          " event_engine / grpc_* = gRPC C-core:")
+        for r in detail:
+            th = r["cpu"]["threads"]["pplex"]
+            top = ", ".join("%s %d" % (k, round(v)) for k, v in list(th.items())[:5])
+            w("  N=%d%s: %s" % (r["clients"], " x%d" % r["pipeline"] if r.get("pipeline", 1) > 1 else "", top))
+
+    rat = res["ratios"]
+    busy = [r for r in res["rows"] + res["pipelined"]
+            if r.get("cpu", {}).get("other", 0) > OTHER_LOAD_WARN]
+    if busy:
+        w("")
+        w("* %d row(s) ran while something else used > %d%% of a core (the 'other' figure):"
+          " the box was shared, so those rows are noisy; rerun for clean ratios."
+          % (len(busy), OTHER_LOAD_WARN))
+    if rat["closed_loop"]:
+        w("")
+        w("ratios (same run; throughput = round trips/s, latency = p50/p99):")
+        w("%7s  %14s  %18s  %17s  %16s  %16s" % ("clients", "pplex/HAProxy", "pplex/gRPC-direct",
+                                                 "HAProxy/ceiling", "p50 pplex/HAProxy",
+                                                 "p99 pplex/HAProxy"))
+        for r in rat["closed_loop"]:
+            w("%7d  %14s  %18s  %17s  %16s  %16s" % (
+                r["clients"], fmt_ratio(r["pplex_over_haproxy"]), fmt_ratio(r["pplex_over_grpc_direct"]),
+                fmt_ratio(r["haproxy_over_ceiling"]), fmt_ratio(r["p50_pplex_over_haproxy"]),
+                fmt_ratio(r["p99_pplex_over_haproxy"])))
+
+    if res["pipelined"]:
+        p0 = res["pipelined"][0]
+        w("")
+        w("pipelined: %d clients x %d messages in flight (messages/s):" % (p0["clients"], p0["pipeline"]))
+        for r in res["pipelined"]:
+            w(_row_line(r, width))
+        if rat.get("pipelined"):
+            w("  pplex/HAProxy pipelined: %s" % fmt_ratio(rat["pipelined"]["pplex_over_haproxy"]))
+
+    if res["memory"]:
+        w("")
+        w("idle memory per connection (%s idle TCP connections, VmRSS after - before, fresh process):"
+          % fmt_int(cfg["idle_conns"]))
+        for r in res["memory"]:
+            if "error" in r and "bytes_per_conn" not in r:
+                w("  %-8s FAILED: %s" % (r["target"], r["error"].splitlines()[0][:100]))
+                continue
+            note = "" if r.get("rss_stable", True) else "  (RSS still moving)"
+            if r.get("error"):
+                note += "  (!) " + r["error"].splitlines()[0]
+            if r["connections"] != cfg["idle_conns"]:
+                note += "  (only %s: RLIMIT_NOFILE %s)" % (fmt_int(r["connections"]), cfg["rlimit_nofile"])
+            w("  %-8s %8s bytes/conn   RSS %.1f -> %.1f MiB, %s opened, %s accepted%s" % (
+                r["target"], fmt_int(r["bytes_per_conn"]), r["rss_before"] / 2**20,
+                r["rss_after"] / 2**20, fmt_int(r["opened"]), fmt_int(r["accepted"]), note))
+
+    # The headline, last so it is what stays on screen.
+    heads = [(r["clients"], r["pplex_over_haproxy"]) for r in rat["closed_loop"]]
+    if heads:
+        text = "   ".join("N=%d: %s" % (n, fmt_ratio(v)) for n, v in heads)
+        if rat.get("pipelined"):
+            text += "   pipelined: %s" % fmt_ratio(rat["pipelined"]["pplex_over_haproxy"])
+        line = "  HEADLINE  pplex / HAProxy throughput   " + text + "  "
+        w("")
+        w("=" * len(line))
+        w(line)
+        w("=" * len(line))
+    w("")
+    return "\n".join(L)
