@@ -63,10 +63,10 @@ def _run_client(ps, name, argv, watch, budget, cwd=None, env=None):
         ps.stop(p)
 
 
-def run_loadgen(ps, addr, clients, seconds, warmup, size, pipeline, watch):
+def run_loadgen(ps, addr, clients, seconds, warmup, size, pipeline, watch, extra=()):
     exe = os.path.join(BENCH, "bin", "loadgen")
     argv = [exe, "-addr", "%s:%d" % addr, "-clients", str(clients), "-seconds", str(seconds),
-            "-warmup", str(warmup), "-size", str(size), "-pipeline", str(pipeline), "-events"]
+            "-warmup", str(warmup), "-size", str(size), "-pipeline", str(pipeline), "-events", *extra]
     # connect phase (<= 60 s, usually < 1 s) + warm-up + window + io timeout + slack
     budget = 60 + warmup + seconds + 15
     return _run_client(ps, "loadgen", argv, watch, budget)

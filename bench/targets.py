@@ -111,7 +111,7 @@ def start_haproxy(ps, tmpdir, echo_addr, nofile):
     return p, addr, maxconn
 
 
-def probe_while_alive(p, addr, timeout, argv):
+def probe_while_alive(p, addr, timeout, argv, **probe):
     """probe_echo in short rounds, failing at once if the process exits."""
     deadline = time.monotonic() + timeout
     while True:
@@ -120,7 +120,7 @@ def probe_while_alive(p, addr, timeout, argv):
             raise StartError("%s exited with status %s: %s\n  command: %s%s" % (
                 p.name, p.popen.returncode, p.last_error_line(), " ".join(argv), p.diagnostics()))
         try:
-            return probe_echo(addr, timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+            return probe_echo(addr, timeout=min(1.0, max(0.1, deadline - time.monotonic())), **probe)
         except StartError as exc:
             if time.monotonic() >= deadline:
                 raise StartError("%s never echoed: %s\n  command: %s%s" % (
@@ -173,12 +173,12 @@ def pplex_argv():
     return [sys.executable, "-m", "pplex"]
 
 
-def start_pplex(ps, worker_target, timeout=30, name="pplex"):
+def start_pplex(ps, worker_target, timeout=30, name="pplex", extra=(), **probe):
     listen = procs.free_port()
     admin = procs.free_port()
     argv = pplex_argv() + ["--listen", "127.0.0.1:%d" % listen, "--upstream", worker_target,
-                           "--admin", "127.0.0.1:%d" % admin, "--log-level", "warning"]
+                           "--admin", "127.0.0.1:%d" % admin, "--log-level", "warning", *extra]
     p = ps.start(name, argv, cwd=REPO, env=python_env())
     addr = ("127.0.0.1", listen)
-    probe_while_alive(p, addr, timeout, argv)
+    probe_while_alive(p, addr, timeout, argv, **probe)
     return p, addr, ("127.0.0.1", admin)

@@ -65,7 +65,11 @@ class Connection:
             return
         if data:
             self.bytes_in += len(data)
-            self.proxy.received(self, data)
+            try:
+                self.proxy.received(self, data)
+            except Exception:
+                # A plugin failed on this client's input: it alone is closed.
+                self.proxy.failed(self, "handling its input")
         else:
             self.proxy.client_eof(self)
 

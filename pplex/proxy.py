@@ -352,6 +352,13 @@ class Proxy:
                  f", {lost} for clients already gone" if lost else "")
 
     # -- closing -------------------------------------------------------------
+    def failed(self, conn, doing):
+        """The pipeline edge: an unexpected error while serving one client closes that client."""
+        log.exception("internal error %s of client %s (plugins: %s); closing it", doing, conn.uuid,
+                      ", ".join(f"{slot}={name}" for slot, name in sorted(self.plugins.slot_owner.items())))
+        self.stats.drop("internal_error")
+        self.close(conn, f"internal error {doing}")
+
     # conn.eof: 0 open; LINGERING replies to its last messages may still come;
     # FLUSHING the linger is over and it closes once its writes are out.
     LINGERING, FLUSHING = 1, 2

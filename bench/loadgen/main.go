@@ -143,6 +143,7 @@ type config struct {
 	seconds        float64
 	count          int
 	size           int
+	lenPrefix      bool
 	pipeline       int
 	warmup         float64
 	connectTimeout time.Duration
@@ -265,6 +266,10 @@ func (c *client) run(wg *sync.WaitGroup) {
 	for i := range msg {
 		msg[i] = byte('a' + (c.id+i)%26)
 	}
+	if s.cfg.lenPrefix {
+		// A valid framing_len frame: 4-byte big-endian length, then the body.
+		binary.BigEndian.PutUint32(msg, uint32(size-4))
+	}
 	sent := make([]int64, depth) // ring of send timestamps, FIFO
 	seqs := make([]uint64, depth)
 	var seq uint64
@@ -331,10 +336,14 @@ func (c *client) session(msg []byte, sent []int64, seqs []uint64, seq *uint64, t
 	in := make([]byte, depth*size)
 	out := make([]byte, 0, depth*size)
 	have := 0
+	off := 0
+	if s.cfg.lenPrefix {
+		off = 4
+	}
 	queue := func(slot int) {
 		*seq++
-		if size >= 8 {
-			binary.LittleEndian.PutUint64(msg, *seq)
+		if size >= off+8 {
+			binary.LittleEndian.PutUint64(msg[off:], *seq)
 		}
 		seqs[slot] = *seq
 		out = append(out, msg...)
@@ -373,7 +382,7 @@ func (c *client) session(msg []byte, sent []int64, seqs []uint64, seq *uint64, t
 		for have-off >= size {
 			r := in[off : off+size]
 			off += size
-			if size >= 8 && binary.LittleEndian.Uint64(r) != seqs[head] {
+			if size >= off+8 && binary.LittleEndian.Uint64(r[off:]) != seqs[head] {
 				return errMismatch
 			}
 			if now >= s.measureStart && now < s.measureEnd {
@@ -427,6 +436,7 @@ func main() {
 	flag.Float64Var(&cfg.seconds, "seconds", 5, "length of the measurement window (a cap when -count is set)")
 	flag.IntVar(&cfg.count, "count", 0, "if > 0, each client stops after this many measured round trips")
 	flag.IntVar(&cfg.size, "size", 32, "message size in bytes")
+	flag.BoolVar(&cfg.lenPrefix, "lenprefix", false, "make each message a framing_len frame (4-byte big-endian length first)")
 	flag.IntVar(&cfg.pipeline, "pipeline", 1, "messages each client keeps in flight")
 	flag.Float64Var(&cfg.warmup, "warmup", 1, "seconds of load before measuring")
 	flag.DurationVar(&cfg.connectTimeout, "connect-timeout", 5*time.Second, "timeout of one dial")

@@ -245,3 +245,31 @@ port = 0
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_plugin_error_closes_only_that_client(start_pplex, start_worker, tmp_path):
+    plugin_dir = tmp_path / "plugin"
+    (plugin_dir / "crashy_pkg").mkdir(parents=True)
+    (plugin_dir / "crashy_pkg" / "__init__.py").write_text(
+        "from pplex import hookimpl\n\n"
+        "@hookimpl\n"
+        "def pplex_balance(payload, candidates):\n"
+        "    if payload.startswith(b'crash'):\n"
+        "        raise RuntimeError('balancer bug')\n"
+        "    return candidates[0]\n")
+    dist = plugin_dir / "crashy-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: crashy\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[pplex.plugins]\ncrashy = crashy_pkg\n")
+    worker = start_worker()
+    pplex = start_pplex("--upstream", f"127.0.0.1:{worker.port}", "--plugins", "crashy",
+                        env={"PYTHONPATH": str(plugin_dir)})
+    pplex.wait_ready_upstreams(1)
+    victim, bystander = pplex.client(), pplex.client()
+    victim.send(b"crash now\n")
+    assert victim.is_closed_by_peer(timeout=5)
+    bystander.send(b"fine\n")
+    assert bystander.recv_line() == b"fine"
+    log = pplex.log()
+    assert "balancer bug" in log and "balance=crashy" in log
+    assert pplex.stats()["drops"] == {"internal_error": 1}
