@@ -6,7 +6,9 @@ group as any third-party plugin.
 """
 from setuptools import setup
 
-BUILTIN_PLUGINS = ["framing_raw", "route_any", "rr", "broadcast_activity"]
+BUILTIN_PLUGINS = ["framing_raw", "route_any", "rr", "broadcast_activity",
+                   "framing_len", "framing_line", "auth_allow", "auth_token",
+                   "route_sticky", "route_prefix", "least_pending", "hash", "access_log"]
 
 setup(
     name="pplex",

@@ -138,11 +138,14 @@ class GrpcLink(Link):
                 state.claimed = i + 3
                 if state.done:
                     return
+                # Written once handed to grpcio, not once it asks for the next one:
+                # its answer may come back before that, and a message counted
+                # after its answer would look unanswered until the next answer.
+                state.written += 1
                 payload = batch[i + 1]
                 if payload.__class__ is bytearray:  # raw bytes merged by the proxy
                     payload = bytes(payload)
                 yield make(client_uuid=batch[i], payload=payload, time=batch[i + 2])
-                state.written += 1
             with cond:
                 state.current = None
 

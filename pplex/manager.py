@@ -8,6 +8,7 @@ the default. At startup the enabled hook implementations are resolved into
 plain callables, so the per-message path makes direct calls, not pluggy calls.
 """
 import importlib.metadata
+import types
 
 import pluggy
 import voluptuous
@@ -220,6 +221,8 @@ def describe_schema(schema):
         return [describe_schema(v) for v in schema]
     if isinstance(schema, type):
         return schema.__name__
+    if isinstance(schema, types.FunctionType):  # a validator: its doc's first line, else its name
+        return (schema.__doc__ or "").strip().split("\n")[0] or schema.__name__
     return str(schema)
 
 

@@ -1,0 +1,125 @@
+"""Enabling built-in plugins: startup errors (exit 2, one line), listings, and the access log."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pplex.manager import DEFAULT_PLUGINS
+from tests.helpers import ROOT, wait_for
+
+BUILTINS = {
+    "framing_len": ["pplex_configure", "pplex_framing", "pplex_settings_schema"],
+    "framing_line": ["pplex_configure", "pplex_framing", "pplex_settings_schema"],
+    "auth_allow": ["pplex_accept", "pplex_configure", "pplex_settings_schema"],
+    "auth_token": ["pplex_authenticate", "pplex_configure", "pplex_connection_authenticated",
+                   "pplex_connection_closed", "pplex_connection_opened", "pplex_settings_schema"],
+    "route_sticky": ["pplex_route"],
+    "route_prefix": ["pplex_configure", "pplex_route", "pplex_settings_schema"],
+    "least_pending": ["pplex_balance", "pplex_configure"],
+    "hash": ["pplex_balance"],
+    "access_log": ["pplex_configure", "pplex_connection_authenticated", "pplex_connection_closed",
+                   "pplex_connection_opened", "pplex_upstream_added", "pplex_upstream_lost",
+                   "pplex_upstream_ready"],
+}
+
+
+def run_pplex(tmp_path, *args, config=None):
+    command = [sys.executable, "-m", "pplex", *args]
+    if config is not None:
+        path = tmp_path / "pplex.json"
+        path.write_text(json.dumps(config))
+        command += ["--config", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args, config, expected", [
+    (["--plugins", "framing_len"], {"plugins": {"framing_len": {"width": 3}}},
+     r"^plugins\.framing_len\.width: must be 1, 2, 4 or 8 .*\(got 3\)$"),
+    ([], {"plugins": {"framing_line": {"delimiter": ""}}}, r"^plugins\.framing_line\.delimiter: "),
+    ([], {"plugins": {"auth_token": {"tokens": []}}}, r"^plugins\.auth_token\.tokens: "),
+    ([], {"plugins": {"route_prefix": {"routes": {"a": ["nowhere"]}}}},
+     r"^plugins\.route_prefix\.routes\.a\[0\]: "),
+    (["--plugins", "framing_len,framing_line"], None,
+     r"^plugins: framing_len and framing_line both fill the framing slot; enable only one$"),
+    (["--plugins", "hash,least_pending"], None, r"^plugins: hash and least_pending both fill the balance slot"),
+    (["--plugins", "route_sticky,route_prefix"], {"plugins": {"route_prefix": {"routes": {"a": ["h:1"]}}}},
+     r"^plugins: route_sticky and route_prefix both fill the route slot"),
+    (["--plugins", "framing_lenn"], None, r"^plugins: unknown plugin 'framing_lenn'; valid names: .*framing_len"),
+], ids=["bad-width", "bad-delimiter", "no-tokens", "bad-address", "two-framings", "two-balancers",
+        "two-routers", "unknown-name"])
+def test_bad_plugin_choice_or_setting_exits_2_with_one_line(tmp_path, args, config, expected):
+    result = run_pplex(tmp_path, *args, config=config)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.search(expected, lines[0]), lines[0]
+
+
+def test_unknown_name_lists_every_valid_name(tmp_path):
+    result = run_pplex(tmp_path, "--plugins", "nope")
+    names = result.stderr.strip().split("valid names: ")[1].split(", ")
+    assert set(BUILTINS) | set(DEFAULT_PLUGINS) <= set(names)
+
+
+def test_pplex_plugins_lists_every_builtin_with_hooks_and_settings(tmp_path):
+    result = run_pplex(tmp_path, "plugins", "--plugins", "framing_len,hash")
+    assert result.returncode == 0, result.stderr
+    rows = {}
+    for line in result.stdout.splitlines():
+        if not line.startswith(" "):
+            name, rest = line.split(None, 1)
+            rows[name] = rest
+    for name, hooks in BUILTINS.items():
+        assert rows[name].endswith(", ".join(hooks)), (name, rows[name])
+    assert rows["framing_len"].startswith("enabled") and rows["hash"].startswith("enabled")
+    assert rows["rr"].startswith("default")  # replaced by hash in the balance slot
+    assert "'width (optional, default 4)': '1, 2, 4 or 8 (bytes of the length prefix)'" in result.stdout
+    assert "'tokens': 'a non-empty list of non-empty strings'" in result.stdout
+    assert " at 0x" not in result.stdout  # validators are described, not printed as objects
+
+
+def test_admin_plugins_shows_enabled_builtins_and_their_settings(start_pplex):
+    pplex = start_pplex("--plugins", "framing_line,least_pending,access_log",
+                        config={"plugins": {"auth_allow": {"allow": ["127.0.0.0/8"]}}})
+    status, body = pplex.admin("GET", "/plugins")
+    assert status == 200
+    rows = {row["name"]: row for row in body["plugins"]}
+    assert set(BUILTINS) <= set(rows)
+    for name, hooks in BUILTINS.items():
+        assert rows[name]["hooks"] == hooks
+    enabled = {name for name, row in rows.items() if row["enabled"]}
+    assert enabled == {"framing_line", "least_pending", "access_log", "auth_allow", "route_any",
+                       "broadcast_activity"}
+    assert rows["framing_line"]["slot"] == ["framing"]
+    assert rows["auth_allow"]["settings"] == {
+        "allow (optional, default [])": ["an IPv4 or IPv6 network (CIDR), e.g. 10.0.0.0/8"],
+        "deny (optional, default [])": ["an IPv4 or IPv6 network (CIDR), e.g. 10.0.0.0/8"]}
+    assert rows["route_prefix"]["settings"]["routes"] == \
+        "an object of prefix -> list of worker addresses host:port"
+
+
+def test_access_log_lines_for_a_connection_and_an_upstream(start_pplex, start_worker):
+    worker = start_worker()
+    pplex = start_pplex("--plugins", "framing_line,access_log", "--upstream", f"127.0.0.1:{worker.port}")
+    pplex.wait_ready_upstreams(1)
+    client = pplex.client()
+    client.send(b"hello\n")
+    assert client.recv_line() == b"hello"
+    local_port = client.sock.getsockname()[1]
+    client.close()
+    wait_for(lambda: re.search(r"pplex\.access: close uuid=\S+ .*reason=\"client closed\"", pplex.log()),
+             message="the close line")
+    log = pplex.log()
+    opened = re.search(r"INFO pplex\.access: open uuid=(\S+) remote=127\.0\.0\.1:(\d+)", log)
+    assert opened.group(2) == str(local_port)
+    closed = re.search(r"INFO pplex\.access: close uuid=(\S+) remote=127\.0\.0\.1:(\d+) duration=([\d.]+)s "
+                       r"bytes_in=(\d+) bytes_out=(\d+) reason=\"client closed\"", log)
+    assert closed.group(1) == opened.group(1) and closed.group(2) == opened.group(2)
+    assert (closed.group(4), closed.group(5)) == ("6", "6")
+    assert f"pplex.access: upstream added id=u1 address=127.0.0.1:{worker.port}" in log
+    assert f"pplex.access: upstream ready id=u1 address=127.0.0.1:{worker.port}" in log
+    pplex.admin("DELETE", "/upstreams/u1")
+    wait_for(lambda: re.search(r"pplex\.access: upstream lost id=u1 .*reason=\"removed through the admin API\"",
+                               pplex.log()), message="the lost line")
