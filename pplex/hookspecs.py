@@ -14,7 +14,12 @@ enabled plugin fills each, a default one unless you enable another.
 Semantics chosen per hook:
 - firstresult ("first non-None wins"): a decision with one answer, where a
   plugin may also decline (return None) and let the next one decide;
-- plain (every implementation runs, results ignored): observers.
+- plain (every implementation runs, results ignored): observers;
+- wrappers: any hook accepts a `@hookimpl(wrapper=True)` generator that runs
+  before and after the others and sees (or replaces) their result, for a
+  plugin that must see both sides (timing a routing decision, overriding a
+  balancer's choice). A wrapper on a per-message hook makes pplex call that
+  hook through pluggy, with pluggy's cost, instead of a direct call.
 """
 import pluggy
 

@@ -51,8 +51,10 @@ def _load(name, entry):
 
 
 def _slots_of(pm, plugin):
+    """The slots a plugin fills; a wrapper only watches a slot, so it fills none."""
     return {SLOTS[impl_name] for impl_name in SLOTS
-            if any(impl.plugin is plugin for impl in getattr(pm.hook, impl_name).get_hookimpls())}
+            if any(impl.plugin is plugin and not (impl.hookwrapper or impl.wrapper)
+                   for impl in getattr(pm.hook, impl_name).get_hookimpls())}
 
 
 class PluginSet:
@@ -135,7 +137,7 @@ class PluginSet:
         impls = caller.get_hookimpls()
         if not impls:
             return None
-        if any(impl.hookwrapper or getattr(impl, "wrapper", False) for impl in impls):
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
             return _keyword_adapter(caller, spec_args)
         functions = [_positional(impl.function, impl.argnames, spec_args) for impl in reversed(impls)]
         if len(functions) == 1:

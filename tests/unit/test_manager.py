@@ -106,3 +106,22 @@ def _fake_entries(monkeypatch, modules):
         return found
     monkeypatch.setattr(manager, "available_plugins", available)
     return modules
+
+
+def test_a_wrapper_sees_before_and_after_and_keeps_pluggy_semantics(monkeypatch):
+    seen = []
+    watcher = types.ModuleType("watcher")
+
+    def around(candidates):
+        seen.append(("before", len(candidates)))
+        chosen = yield
+        seen.append(("after", chosen))
+        return chosen
+
+    watcher.pplex_balance = hookimpl(wrapper=True)(around)
+    _fake_entries(monkeypatch, {"watcher": watcher})
+    plugins = PluginSet(enabled=["watcher"])
+    balance = plugins.resolve("pplex_balance")
+    first = balance(None, b"", ["a", "b"])
+    assert first in ("a", "b")
+    assert seen == [("before", 2), ("after", first)]
