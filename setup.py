@@ -25,6 +25,7 @@ setup(
         "waitress>=3.0",           # admin API server
         "voluptuous>=0.14",        # config and request validation
         "prometheus_client>=0.20",  # GET /metrics
+        "h2>=4.1,<5",              # the h2 transport (--transport h2): HTTP/2 in the reactor thread
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1"],

@@ -57,6 +57,24 @@ def _row_list(text):
     return rows
 
 
+TRANSPORTS = ("grpcio", "h2")
+
+
+def _default_transports():
+    try:
+        import h2  # noqa: F401 - only whether pplex's h2 transport can run
+        return list(TRANSPORTS)
+    except ImportError:
+        return ["grpcio"]
+
+
+def _transport_list(text):
+    chosen = [x.strip() for x in text.split(",") if x.strip()]
+    if not chosen or any(t not in TRANSPORTS for t in chosen):
+        raise argparse.ArgumentTypeError("transports are a comma-separated subset of %s" % ",".join(TRANSPORTS))
+    return list(dict.fromkeys(chosen))
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="python -m bench",
@@ -82,10 +100,15 @@ def parse_args(argv):
                          "conformance/go-upstream/bin/go-upstream exists, else python)")
     ap.add_argument("--rows", type=_row_list, default=list(ROWS),
                     help="subset of rows to run: %s (default all)" % ",".join(ROWS))
+    ap.add_argument("--transport", type=_transport_list, default=None,
+                    help="pplex transports to measure, one pplex row each: grpcio,h2 "
+                         "(default: both when h2 is importable, else grpcio)")
     ap.add_argument("--json", metavar="PATH", help="also write all results as JSON to PATH")
     ap.add_argument("--keep-logs", action="store_true",
                     help="keep the temp dir with configs and child stderr logs")
     args = ap.parse_args(argv)
+    if args.transport is None:
+        args.transport = _default_transports()
     if args.seconds <= 0 or args.warmup < 0 or args.size < 1 or args.pipeline < 0 \
             or args.pipeline_clients < 1 or args.idle_conns < 0:
         ap.error("--seconds > 0, --warmup >= 0, --size >= 1, --pipeline >= 0, "
@@ -133,6 +156,7 @@ class Bench:
         self.nofile = nofile
         self.echo = self.haproxy = self.worker = self.pplex = None
         self.echo_addr = self.haproxy_addr = self.pplex_addr = None
+        self.pplexes = {}  # transport -> (process, address): one pplex per transport
         self.worker_target = None
         self.errors = {}  # target -> why it is unavailable
         self.rows = []
@@ -164,20 +188,31 @@ class Bench:
                 self.errors["worker"] = str(exc)
                 progress("worker unavailable: %s" % exc)
         if "pplex" in a.rows:
-            self.start_pplex()
+            for transport in a.transport:
+                self.start_pplex(transport)
 
-    def start_pplex(self):
+    def start_pplex(self, transport=None):
+        """Start pplex with `transport` (default: the first asked for); it becomes the current one."""
+        transport = transport or self.args.transport[0]
+        self.pplex = self.pplex_addr = None
+        self.pplexes.pop(transport, None)
+        key = "pplex" if len(self.args.transport) == 1 else "pplex (%s)" % transport
         if self.worker is None:
-            self.errors["pplex"] = "no worker: %s" % self.errors.get("worker", "not started")
+            self.errors[key] = "no worker: %s" % self.errors.get("worker", "not started")
             return
         try:
-            self.pplex, self.pplex_addr, admin = targets.start_pplex(self.ps, self.worker_target)
-            self.errors.pop("pplex", None)
-            progress("pplex on %s:%d (admin %s:%d), upstream %s" % (
-                self.pplex_addr + admin + (self.worker_target,)))
+            self.pplex, self.pplex_addr, admin = targets.start_pplex(
+                self.ps, self.worker_target, name="pplex-" + transport, extra=("--transport", transport))
+            self.pplexes[transport] = (self.pplex, self.pplex_addr)
+            self.errors.pop(key, None)
+            progress("pplex (%s) on %s:%d (admin %s:%d), upstream %s" % (
+                (transport,) + self.pplex_addr + admin + (self.worker_target,)))
         except StartError as exc:
-            self.errors["pplex"] = str(exc)
-            progress("pplex unavailable: %s" % exc)
+            self.errors[key] = str(exc)
+            progress("pplex (%s) unavailable: %s" % (transport, exc))
+
+    def use_pplex(self, transport):
+        self.pplex, self.pplex_addr = self.pplexes.get(transport, (None, None))
 
     # -- rows --------------------------------------------------------------
 
@@ -195,22 +230,28 @@ class Bench:
             w["worker"] = self.worker.pid
         return w
 
-    def _unavailable(self, row):
+    def _unavailable(self, row, transport=None):
         if row == "haproxy" and self.haproxy is None:
             return self.errors.get("haproxy", "not started")
         if row == "pplex" and self.pplex is None:
-            return self.errors.get("pplex", "not started")
+            return self.errors.get("pplex (%s)" % transport, self.errors.get("pplex", "not started"))
         if row == "grpc" and self.worker is None:
             return self.errors.get("worker", "not started")
         if row == "pplex" and not self.pplex.alive():
             return "pplex process has exited%s" % self.pplex.diagnostics()
         return None
 
-    def run_row(self, row, clients, pipeline=1):
+    def run_row(self, row, clients, pipeline=1, transport=None):
         a = self.args
-        entry = {"row": row, "title": ROW_TITLES[row], "clients": clients, "pipeline": pipeline}
-        why = self._unavailable(row)
-        label = "N=%d%s %s" % (clients, " x%d in flight" % pipeline if pipeline > 1 else "", ROW_TITLES[row])
+        title = ROW_TITLES[row]
+        entry = {"row": row, "title": title, "clients": clients, "pipeline": pipeline}
+        if row == "pplex":
+            transport = transport or a.transport[0]
+            self.use_pplex(transport)
+            entry["transport"] = transport
+            entry["title"] = title = "pplex (%s)" % transport
+        why = self._unavailable(row, transport)
+        label = "N=%d%s %s" % (clients, " x%d in flight" % pipeline if pipeline > 1 else "", title)
         if why:
             entry["error"] = why.splitlines()[0]
             progress("%s: skipped: %s" % (label, entry["error"]))
@@ -240,11 +281,13 @@ class Bench:
         for n in a.clients:
             for row in ROWS:
                 if row in a.rows:
-                    self.rows.append(self.run_row(row, n))
+                    for transport in (a.transport if row == "pplex" else (None,)):
+                        self.rows.append(self.run_row(row, n, transport=transport))
         if a.pipeline:
             for row in ("ceiling", "haproxy", "pplex"):
                 if row in a.rows:
-                    self.pipelined.append(self.run_row(row, a.pipeline_clients, a.pipeline))
+                    for transport in (a.transport if row == "pplex" else (None,)):
+                        self.pipelined.append(self.run_row(row, a.pipeline_clients, a.pipeline, transport))
         if a.idle_conns:
             self.run_memory()
 
@@ -254,9 +297,10 @@ class Bench:
         a = self.args
         # Fresh processes: after the load rows their allocators hold freed
         # memory that new connections would reuse, hiding the real cost.
-        if self.pplex is not None:
-            self.ps.stop(self.pplex)
-            self.pplex = None
+        # (The transport does not change per-connection memory: the first one is measured.)
+        for proc, _ in list(self.pplexes.values()):
+            self.ps.stop(proc)
+        self.pplexes.clear()
         self.start_pplex()
         self.memory.append(self._memory_one("pplex", self.pplex, self.pplex_addr, 1))
         if self.pplex is not None:
@@ -343,6 +387,7 @@ def main(argv=None):
             "size": args.size, "pipeline": args.pipeline,
             "pipeline_clients": args.pipeline_clients, "idle_conns": args.idle_conns,
             "worker": getattr(bench, "worker_kind", None), "rows": args.rows,
+            "transports": args.transport,
             "rlimit_nofile": nofile,
         },
         "unavailable": bench.errors,

@@ -1,6 +1,6 @@
 """What a plugin chain costs: pplex with `--plugins framing_len,rr` against the raw default.
 
-    .venv/bin/python -m bench.plugins [--clients 100] [--seconds 5] [--rounds 3]
+    .venv/bin/python -m bench.plugins [--clients 100] [--seconds 4] [--rounds 3] [--transport grpcio|h2]
 
 Two pplex processes in front of one Go echo worker: the default (framing_raw,
 rr) and `--plugins framing_len,rr`. The load generator sends the same 32-byte
@@ -27,6 +27,8 @@ def main(argv=None):
     parser.add_argument("--pipeline", type=int, default=1)
     parser.add_argument("--plugins", default="framing_len,rr")
     parser.add_argument("--worker", choices=("go", "python"), default="go")
+    parser.add_argument("--transport", choices=("grpcio", "h2"), default="grpcio",
+                        help="pplex's transport to the worker, for both pplex processes")
     args = parser.parse_args(argv)
     procs.raise_nofile()
     tmp = tempfile.mkdtemp(prefix="pplex-bench-plugins-")
@@ -35,9 +37,10 @@ def main(argv=None):
     results = {"raw": [], "plugins": []}
     try:
         _, target = targets.start_worker(ps, args.worker)
-        _, raw_addr, _ = targets.start_pplex(ps, target, name="pplex-raw")
+        transport = ("--transport", args.transport)
+        _, raw_addr, _ = targets.start_pplex(ps, target, name="pplex-raw", extra=transport)
         _, plug_addr, _ = targets.start_pplex(ps, target, name="pplex-plugins",
-                                              extra=("--plugins", args.plugins),
+                                              extra=("--plugins", args.plugins) + transport,
                                               **({"payload": FRAMED_PROBE} if framed else {}))
         for round_number in range(args.rounds):
             for name, addr, extra in (("raw", raw_addr, ()),
@@ -50,8 +53,8 @@ def main(argv=None):
     finally:
         ps.stop_all()
     raw, plugged = statistics.median(results["raw"]), statistics.median(results["plugins"])
-    print("plugin chain cost, %d clients x %d in flight, median of %d rounds (same run):"
-          % (args.clients, args.pipeline, args.rounds))
+    print("plugin chain cost, %d clients x %d in flight, %s transport, median of %d rounds (same run):"
+          % (args.clients, args.pipeline, args.transport, args.rounds))
     print("  pplex (default: framing_raw, rr)   %10.0f msg/s" % raw)
     print("  pplex --plugins %-18s %10.0f msg/s" % (args.plugins, plugged))
     print("  ratio %.3f  (cost %.1f%% of throughput)" % (plugged / raw, 100 * (1 - plugged / raw)))

@@ -30,9 +30,10 @@ def fmt_ratio(r):
     return "n/a" if r is None else "%.2fx" % r
 
 
-def _find(rows, row, clients):
+def _find(rows, row, clients, title=None):
     for r in rows:
-        if r["row"] == row and r["clients"] == clients and "error" not in r:
+        if r["row"] == row and r["clients"] == clients and "error" not in r \
+                and (title is None or r["title"] == title):
             return r
     return None
 
@@ -44,25 +45,26 @@ def _ratio(a, b, key="rt_per_s"):
 
 
 def ratios(rows, pipelined):
-    out = {"closed_loop": [], "pipelined": None}
-    for n in sorted({r["clients"] for r in rows}):
-        p = _find(rows, "pplex", n)
-        h = _find(rows, "haproxy", n)
-        g = _find(rows, "grpc", n)
-        c = _find(rows, "ceiling", n)
-        out["closed_loop"].append({
-            "clients": n,
-            "pplex_over_haproxy": _ratio(p, h),
-            "pplex_over_grpc_direct": _ratio(p, g),
-            "haproxy_over_ceiling": _ratio(h, c),
-            "p50_pplex_over_haproxy": _ratio(p, h, "p50_us"),
-            "p99_pplex_over_haproxy": _ratio(p, h, "p99_us"),
-        })
-    if pipelined:
-        n = pipelined[0]["clients"]
-        p = _find(pipelined, "pplex", n)
-        h = _find(pipelined, "haproxy", n)
-        out["pipelined"] = {"clients": n, "pplex_over_haproxy": _ratio(p, h)}
+    """{pplex row title: its ratios}: one entry per pplex variant measured (one per transport)."""
+    titles = list(dict.fromkeys(r["title"] for r in rows + pipelined if r["row"] == "pplex")) or ["pplex"]
+    out = {}
+    for title in titles:
+        mine = out[title] = {"closed_loop": [], "pipelined": None}
+        for n in sorted({r["clients"] for r in rows}):
+            p = _find(rows, "pplex", n, title)
+            h = _find(rows, "haproxy", n)
+            mine["closed_loop"].append({
+                "clients": n,
+                "pplex_over_haproxy": _ratio(p, h),
+                "pplex_over_grpc_direct": _ratio(p, _find(rows, "grpc", n)),
+                "haproxy_over_ceiling": _ratio(h, _find(rows, "ceiling", n)),
+                "p50_pplex_over_haproxy": _ratio(p, h, "p50_us"),
+                "p99_pplex_over_haproxy": _ratio(p, h, "p99_us"),
+            })
+        if pipelined:
+            n = pipelined[0]["clients"]
+            mine["pipelined"] = {"clients": n, "pplex_over_haproxy": _ratio(_find(pipelined, "pplex", n, title),
+                                                                            _find(pipelined, "haproxy", n))}
     return out
 
 
@@ -106,12 +108,14 @@ def render(res):
     if detail:
         w("")
         w("pplex CPU by thread (% of one core): main = the main thread (pplex's reactor: client"
-          " sockets), pplex = its other Python threads (gRPC stream readers/writers),"
+          " sockets; with h2 also the worker streams), pplex = its other Python threads (grpcio's"
+          " stream readers/writers),"
           " event_engine / grpc_* = gRPC C-core:")
         for r in detail:
             th = r["cpu"]["threads"]["pplex"]
             top = ", ".join("%s %d" % (k, round(v)) for k, v in list(th.items())[:5])
-            w("  N=%d%s: %s" % (r["clients"], " x%d" % r["pipeline"] if r.get("pipeline", 1) > 1 else "", top))
+            w("  N=%d%s %s: %s" % (r["clients"], " x%d" % r["pipeline"] if r.get("pipeline", 1) > 1 else "",
+                                  r["title"], top))
 
     rat = res["ratios"]
     busy = [r for r in res["rows"] + res["pipelined"]
@@ -121,17 +125,18 @@ def render(res):
         w("* %d row(s) ran while something else used > %d%% of a core (the 'other' figure):"
           " the box was shared, so those rows are noisy; rerun for clean ratios."
           % (len(busy), OTHER_LOAD_WARN))
-    if rat["closed_loop"]:
+    if any(v["closed_loop"] for v in rat.values()):
         w("")
         w("ratios (same run; throughput = round trips/s, latency = p50/p99):")
-        w("%7s  %14s  %18s  %17s  %16s  %16s" % ("clients", "pplex/HAProxy", "pplex/gRPC-direct",
-                                                 "HAProxy/ceiling", "p50 pplex/HAProxy",
-                                                 "p99 pplex/HAProxy"))
-        for r in rat["closed_loop"]:
-            w("%7d  %14s  %18s  %17s  %16s  %16s" % (
-                r["clients"], fmt_ratio(r["pplex_over_haproxy"]), fmt_ratio(r["pplex_over_grpc_direct"]),
-                fmt_ratio(r["haproxy_over_ceiling"]), fmt_ratio(r["p50_pplex_over_haproxy"]),
-                fmt_ratio(r["p99_pplex_over_haproxy"])))
+        w("%7s  %-16s %14s  %18s  %17s  %16s  %16s" % ("clients", "pplex row", "pplex/HAProxy",
+                                                      "pplex/gRPC-direct", "HAProxy/ceiling",
+                                                      "p50 pplex/HAProxy", "p99 pplex/HAProxy"))
+        for title, mine in rat.items():
+            for r in mine["closed_loop"]:
+                w("%7d  %-16s %14s  %18s  %17s  %16s  %16s" % (
+                    r["clients"], title, fmt_ratio(r["pplex_over_haproxy"]),
+                    fmt_ratio(r["pplex_over_grpc_direct"]), fmt_ratio(r["haproxy_over_ceiling"]),
+                    fmt_ratio(r["p50_pplex_over_haproxy"]), fmt_ratio(r["p99_pplex_over_haproxy"])))
 
     if res["pipelined"]:
         p0 = res["pipelined"][0]
@@ -139,8 +144,9 @@ def render(res):
         w("pipelined: %d clients x %d messages in flight (messages/s):" % (p0["clients"], p0["pipeline"]))
         for r in res["pipelined"]:
             w(_row_line(r, width))
-        if rat.get("pipelined"):
-            w("  pplex/HAProxy pipelined: %s" % fmt_ratio(rat["pipelined"]["pplex_over_haproxy"]))
+        for title, mine in rat.items():
+            if mine.get("pipelined"):
+                w("  %s / HAProxy pipelined: %s" % (title, fmt_ratio(mine["pipelined"]["pplex_over_haproxy"])))
 
     if res["memory"]:
         w("")
@@ -160,15 +166,20 @@ def render(res):
                 r["rss_after"] / 2**20, fmt_int(r["opened"]), fmt_int(r["accepted"]), note))
 
     # The headline, last so it is what stays on screen.
-    heads = [(r["clients"], r["pplex_over_haproxy"]) for r in rat["closed_loop"]]
+    heads = []
+    for title, mine in rat.items():
+        if not mine["closed_loop"]:
+            continue
+        text = "   ".join("N=%d: %s" % (r["clients"], fmt_ratio(r["pplex_over_haproxy"]))
+                           for r in mine["closed_loop"])
+        if mine.get("pipelined"):
+            text += "   pipelined: %s" % fmt_ratio(mine["pipelined"]["pplex_over_haproxy"])
+        heads.append("  HEADLINE  %-*s / HAProxy throughput   %s  " % (max(map(len, rat)), title, text))
     if heads:
-        text = "   ".join("N=%d: %s" % (n, fmt_ratio(v)) for n, v in heads)
-        if rat.get("pipelined"):
-            text += "   pipelined: %s" % fmt_ratio(rat["pipelined"]["pplex_over_haproxy"])
-        line = "  HEADLINE  pplex / HAProxy throughput   " + text + "  "
+        width = max(len(h) for h in heads)
         w("")
-        w("=" * len(line))
-        w(line)
-        w("=" * len(line))
+        w("=" * width)
+        L.extend(heads)
+        w("=" * width)
     w("")
     return "\n".join(L)

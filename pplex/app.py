@@ -36,7 +36,12 @@ class App:
         self.plugins = PluginSet(enabled=list(config["plugins"]), settings=config["plugins"])
         self.context = Context(self.reactor, config, proxy=None)
         self.plugins.configure(self.context)
-        self.transport = GrpcTransport(self.reactor)
+        if config.get("transport") == "h2":
+            from pplex.h2link import H2Transport
+            self.transport = H2Transport(self.reactor)
+        else:
+            self.transport = GrpcTransport(self.reactor)
+        log.info("workers are reached with the %s transport", config.get("transport", "grpcio"))
         self.proxy = Proxy(self.reactor, config, self.plugins, self.transport)
         self.context.proxy = self.proxy
         self.control = Control(self.reactor)

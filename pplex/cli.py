@@ -1,7 +1,7 @@
 """The `pplex` command: arguments, config loading, startup, signals and exit codes.
 
     pplex [--config pplex.json] [--listen HOST:PORT] [--upstream HOST:PORT]...
-          [--admin HOST:PORT] [--plugins NAME,...] [--log-level LEVEL]
+          [--admin HOST:PORT] [--plugins NAME,...] [--transport grpcio|h2] [--log-level LEVEL]
     pplex demo [same flags]     # plus an embedded echo worker: nc 127.0.0.1 7999
     pplex plugins [same flags]  # list every available plugin
 
@@ -35,6 +35,8 @@ def build_parser():
                         help="an upstream worker; repeat for several (replaces the config's list)")
     parser.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP API (default 127.0.0.1:8000)")
     parser.add_argument("--plugins", metavar="NAME,...", help="plugins to enable, by short name")
+    parser.add_argument("--transport", choices=("grpcio", "h2"),
+                        help="gRPC client for workers: grpcio (default) or h2 (in the reactor thread)")
     parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
     parser.add_argument("--version", action="version", version=f"pplex {__version__}")
     return parser
@@ -53,6 +55,8 @@ def load_config(args):
         raw["management_server"] = {**(raw.get("management_server") or {}), "host": host, "port": port}
     if args.upstream:
         raw["upstream"] = [dict(zip(("host", "port"), parse_address(a, "--upstream"))) for a in args.upstream]
+    if args.transport:
+        raw["transport"] = args.transport
     if args.plugins is not None:
         names = [n.strip() for n in args.plugins.split(",") if n.strip()]
         configured = raw.get("plugins") or {}

@@ -110,6 +110,8 @@ SCHEMA = vol.Schema({
     vol.Optional("upstream", default=[]): [UPSTREAM],
     vol.Optional("management_server", default={}): MANAGEMENT,
     vol.Optional("plugins", default={}): _plugins,
+    # how pplex speaks gRPC to workers: "grpcio" (its threads) or "h2" (HTTP/2 in the reactor thread)
+    vol.Optional("transport", default="grpcio"): vol.In(("grpcio", "h2")),
 })
 
 UPSTREAM_SCHEMA = vol.Schema(UPSTREAM)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, Client, RecordingWorker, free_port, wait_for
+from tests.helpers import ROOT, Client, free_port, wait_for
 
 ALL, ACTIVE, NOT_ACTIVE = 0, 1, 2
 

@@ -1,0 +1,197 @@
+"""gRPC over HTTP/2 on the wire, with no I/O: message framing, GOAWAY frames, status wording.
+
+The h2 transport (`pplex.h2link`) feeds these the bytes it reads and writes
+what they return; keeping them apart keeps them testable byte by byte.
+Facts from the gRPC-over-HTTP/2 protocol: a message is a 1-byte compressed
+flag, a 4-byte big-endian length and the protobuf bytes; `grpc-timeout` is
+at most 8 digits and a unit; HTTP statuses and RST_STREAM codes seen without
+a `grpc-status` map to the codes listed below.
+"""
+import math
+import struct
+
+from h2.errors import ErrorCodes
+
+from pplex._proto import upstream_pb2
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024   # the same limit as the grpcio transport
+
+GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+              "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+              "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+              "UNAUTHENTICATED")
+# gRPC's mapping of HTTP statuses seen without a grpc-status.
+HTTP_TO_GRPC = {400: "INTERNAL", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "UNIMPLEMENTED",
+                429: "UNAVAILABLE", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "UNAVAILABLE"}
+# gRPC's mapping of RST_STREAM codes.
+RESET_TO_GRPC = {ErrorCodes.CANCEL: "CANCELLED", ErrorCodes.REFUSED_STREAM: "UNAVAILABLE",
+                 ErrorCodes.ENHANCE_YOUR_CALM: "RESOURCE_EXHAUSTED",
+                 ErrorCodes.INADEQUATE_SECURITY: "PERMISSION_DENIED"}
+
+_HEADER = struct.Struct(">BI")
+_pack_header = _HEADER.pack
+_unpack_header = _HEADER.unpack_from
+EMPTY_MESSAGE = b"\0\0\0\0\0"     # google.protobuf.Empty, framed
+
+
+class FramingError(Exception):
+    """The worker's DATA does not hold valid gRPC messages."""
+
+
+# -- gRPC framing ----------------------------------------------------------------
+def frame_message(body):
+    """One gRPC message on the wire: flag 0 (not compressed), length, body."""
+    return _pack_header(0, len(body)) + body
+
+
+def encode_batch(batch):
+    """A flat batch [uuid, payload, time, ...] -> (wire bytes, end offset of each message)."""
+    make = upstream_pb2.InputStreamRequest
+    parts = []
+    ends = []
+    pos = 0
+    append = parts.append
+    for i in range(0, len(batch), 3):
+        payload = batch[i + 1]
+        if payload.__class__ is bytearray:  # raw bytes merged by the proxy
+            payload = bytes(payload)
+        body = make(client_uuid=batch[i], payload=payload, time=batch[i + 2]).SerializeToString()
+        size = len(body)
+        append(_pack_header(0, size))
+        append(body)
+        pos += 5 + size
+        ends.append(pos)
+    return b"".join(parts), ends
+
+
+class MessageReader:
+    """Splits a stream's DATA into gRPC messages: one may span frames, one frame may hold many."""
+
+    __slots__ = ("parts", "size", "need", "limit")
+
+    def __init__(self, limit=MAX_MESSAGE_BYTES):
+        self.parts = []    # received bytes not yet a whole message
+        self.size = 0
+        self.need = 0      # bytes the message being assembled needs in all (0: unknown yet)
+        self.limit = limit
+
+    def feed(self, data):
+        """Add DATA bytes; return the whole messages they complete (bytes), in order."""
+        if self.parts:
+            self.size += len(data)
+            self.parts.append(data)
+            if self.size < self.need:
+                return []      # a large message still arriving: no copy until it is whole
+            data = b"".join(self.parts)
+            self.parts = []
+            self.size = 0
+        messages = []
+        pos = 0
+        end_of_data = len(data)
+        while end_of_data - pos >= 5:
+            flag, length = _unpack_header(data, pos)
+            if flag:
+                raise FramingError(f"compressed message (flag {flag}) but no compression was agreed")
+            if length > self.limit:
+                raise FramingError(f"message of {length} bytes is larger than the limit ({self.limit})")
+            end = pos + 5 + length
+            if end > end_of_data:
+                self.need = 5 + length
+                break
+            messages.append(data[pos + 5:end])
+            pos = end
+        else:
+            self.need = 0
+        if pos < end_of_data:
+            rest = data[pos:] if pos else data
+            self.parts.append(rest)
+            self.size = len(rest)
+            if len(rest) < 5:
+                self.need = 5
+        return messages
+
+    def pending(self):
+        """Bytes received that are not yet a whole message."""
+        return self.size
+
+
+GOAWAY_TYPE = 0x7
+
+
+class GoawayScanner:
+    """Walks HTTP/2 frame headers in the received bytes and takes GOAWAY frames out.
+
+    `feed(data)` returns (bytes for h2, [(last_stream_id, error_code, debug_data), ...]).
+    Bytes of a frame header, or of a GOAWAY frame, not yet whole are held back
+    until they are; every other frame passes as soon as its header was seen.
+    """
+
+    __slots__ = ("skip", "held")
+
+    def __init__(self):
+        self.skip = 0      # bytes of a frame already let through that are still to come
+        self.held = b""    # the start of a frame header or of a GOAWAY frame
+
+    def feed(self, data):
+        if self.held:
+            data = self.held + data
+            self.held = b""
+        n = len(data)
+        pos = self.skip
+        if pos >= n:
+            self.skip = pos - n
+            return data, ()
+        self.skip = 0
+        goaways = None
+        start = 0          # start of the bytes for h2 not yet cut out
+        parts = None
+        while n - pos >= 9:
+            end = pos + 9 + ((data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2])
+            if data[pos + 3] == GOAWAY_TYPE:
+                if end > n:
+                    break
+                last_id, code = struct.unpack_from(">II", data, pos + 9)
+                if goaways is None:
+                    goaways = []
+                    parts = []
+                goaways.append((last_id & 0x7FFFFFFF, code, bytes(data[pos + 17:end])))
+                parts.append(data[start:pos])
+                start = end
+            elif end > n:
+                self.skip = end - n
+                pos = n
+                break
+            pos = end
+        if pos < n:
+            self.held = data[pos:]
+        if goaways is None:
+            return (data[:pos] if pos < n else data), ()
+        parts.append(data[start:pos])
+        return b"".join(parts), goaways
+
+
+def grpc_timeout(seconds):
+    """The `grpc-timeout` header value: at most 8 digits and a unit."""
+    ms = max(1, math.ceil(seconds * 1000))
+    if ms < 100_000_000:
+        return f"{ms}m".encode()
+    return f"{min(99_999_999, math.ceil(seconds))}S".encode()
+
+
+def call_outcome(http_status, grpc_status, grpc_message):
+    """None for a call that ended with status OK, else 'CODE: details' as grpcio words it."""
+    if http_status is None:
+        return "INTERNAL: the stream ended without response headers"
+    if http_status != 200 and grpc_status is None:
+        return f"{HTTP_TO_GRPC.get(http_status, 'UNKNOWN')}: worker answered HTTP {http_status}"
+    if grpc_status is None:
+        return "INTERNAL: the stream ended without a grpc-status"
+    if grpc_status == 0:
+        return None
+    name = GRPC_CODES[grpc_status] if 0 <= grpc_status < len(GRPC_CODES) else f"code {grpc_status}"
+    return f"{name}: {grpc_message}"
+
+
+def describe_reset(error_code):
+    name = getattr(error_code, "name", str(error_code))
+    return f"{RESET_TO_GRPC.get(error_code, 'INTERNAL')}: worker reset the stream ({name})"

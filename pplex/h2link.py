@@ -1,0 +1,821 @@
+"""The h2 transport: gRPC over HTTP/2 (h2c, prior knowledge) inside the reactor thread.
+
+One nonblocking TCP connection per worker, registered in pplex's own selector
+and driven by the `h2` state machine; no threads, no queues. Every
+`LinkEvents` call happens directly on the reactor thread, but never from
+inside a method the core called (`offer`, `probe_ready`, ...): those defer
+with `Reactor.call_soon`.
+
+Why: the grpcio transport costs one trip through grpcio per message. Here a
+whole batch becomes one buffer of gRPC messages (flag 0, 4-byte big-endian
+length, protobuf bytes), written in as few DATA frames as the peer's flow
+control windows and frame size allow, and usually one send().
+
+Calls on the connection:
+  ready   a unary call on its own stream; deadline by `grpc-timeout` and a reactor timer
+  data    the long-lived bidi stream: batches out, OutputStreamRequest in
+  live    a bidi stream; an empty message every interval (reactor timer), LiveResult in
+
+Connection policy: a link keeps one connection while the worker is in
+rotation. It makes a fresh one for a probe when there is none, and drops it
+when the data stream stops (`stop_stream`) or a ready probe times out, so a
+worker that left rotation (frozen, half-dead) is always probed on a new
+connection.
+
+GOAWAY: h2 treats a received GOAWAY as the end of the connection and raises on
+any later frame, losing the events of the frames before it in the same read.
+gRPC servers stop gracefully with GOAWAY, PING, then serve their open streams
+until a grace period ends. So the link finds GOAWAY frames in the byte stream
+itself (`GoawayScanner`) and keeps them from h2: after a graceful GOAWAY the
+open streams go on (as with grpcio) while new calls get a new connection; a
+GOAWAY with an error code ends every stream with its code and debug text.
+"""
+import bisect
+import errno
+import logging
+import os
+import socket
+import threading
+from urllib.parse import unquote_to_bytes
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
+
+from pplex import __version__
+from pplex._proto import upstream_pb2
+from pplex.grpcwire import (
+    EMPTY_MESSAGE, FramingError, GoawayScanner, MessageReader, call_outcome, describe_reset, encode_batch,
+    grpc_timeout)
+from pplex.reactor import READ, WRITE
+from pplex.transport import Link, Transport
+
+log = logging.getLogger("pplex.h2link")
+
+MiB = 1024 * 1024
+# Our receive windows (stream and connection): the worker never waits for us
+# to hand window back under any sane load; h2 returns window as we consume it.
+RECEIVE_WINDOW = 16 * MiB
+RECV_BYTES = 256 * 1024           # one recv() at most; a few per readiness event
+RECV_PER_EVENT = 4
+# Bytes waiting for the socket above which offer() refuses (on_drained follows).
+OUT_HIGH_WATER = 1 * MiB
+
+SERVICE = "/upstream.grpc.service.UpstreamPeerService/"
+DATA_PATH = (SERVICE + "bidirectionalStreaming").encode()
+READY_PATH = (SERVICE + "ready").encode()
+LIVE_PATH = (SERVICE + "live").encode()
+USER_AGENT = f"pplex-h2/{__version__}".encode()
+
+# -- calls -----------------------------------------------------------------------
+class _Call:
+    """One gRPC call on the connection: response headers, messages, trailers, end."""
+
+    __slots__ = ("link", "conn", "stream_id", "reader", "http_status", "grpc_status", "grpc_message",
+                 "finished", "stopped")
+
+    def __init__(self, link):
+        self.link = link
+        self.conn = None
+        self.stream_id = None
+        self.reader = MessageReader()
+        self.http_status = None
+        self.grpc_status = None
+        self.grpc_message = ""
+        self.finished = False
+        self.stopped = False   # the core no longer wants to hear about it
+
+    def headers(self, headers):
+        for name, value in headers:
+            if name == b":status":
+                try:
+                    self.http_status = int(value)
+                except ValueError:
+                    self.http_status = -1
+            elif name == b"grpc-status":
+                try:
+                    self.grpc_status = int(value)
+                except ValueError:
+                    self.grpc_status = 2  # UNKNOWN
+            elif name == b"grpc-message":
+                self.grpc_message = unquote_to_bytes(value).decode("utf-8", "replace")
+
+    def data(self, data):
+        try:
+            messages = self.reader.feed(data)
+        except FramingError as error:
+            self.conn.reset(self, ErrorCodes.CANCEL)
+            self.finish(f"INTERNAL: bad gRPC framing from the worker: {error}")
+            return
+        if messages:
+            self.messages(messages)
+
+    def ended(self):
+        detail = call_outcome(self.http_status, self.grpc_status, self.grpc_message)
+        if detail is None and self.reader.pending():
+            detail = f"INTERNAL: the stream ended inside a message ({self.reader.pending()} bytes left over)"
+        self.finish(detail)
+
+    def messages(self, messages):
+        raise NotImplementedError
+
+    def finish(self, detail):
+        """The call is over: detail None for status OK, else why."""
+        raise NotImplementedError
+
+
+class _ReadyCall(_Call):
+    __slots__ = ("started", "timeout", "timer", "answer")
+
+    def __init__(self, link, started, timeout):
+        super().__init__(link)
+        self.started = started
+        self.timeout = timeout
+        self.timer = None
+        self.answer = None
+
+    def messages(self, messages):
+        if self.answer is None:
+            try:
+                self.answer = upstream_pb2.ReadyResult.FromString(messages[0])
+            except Exception as error:  # protobuf DecodeError
+                self.conn.reset(self, ErrorCodes.CANCEL)
+                self.finish(f"INTERNAL: cannot decode the ready answer: {error}")
+
+    def finish(self, detail):
+        if self.finished:
+            return
+        self.finished = True
+        if detail is None:
+            if self.answer is None:
+                detail = "INTERNAL: the worker answered ready with no message"
+            else:
+                self.link.ready_seconds = self.link.reactor.clock() - self.started
+        self.link._ready_done(self, detail)
+
+
+class _DataCall(_Call):
+    __slots__ = ("batch", "wire", "ends", "sent", "started_msgs", "written", "written_at_answer",
+                 "want_drain")
+
+    def __init__(self, link):
+        super().__init__(link)
+        self.batch = None       # the batch being written (None: nothing waits)
+        self.wire = b""         # its encoded messages
+        self.ends = None        # end offset of each message in wire
+        self.sent = 0           # bytes of wire handed to h2
+        self.started_msgs = 0   # messages of batch with at least one byte handed to h2
+        self.written = 0        # messages handed to h2, over the stream's life
+        self.written_at_answer = 0
+        self.want_drain = False
+
+    def messages(self, messages):
+        if self.stopped:
+            return
+        link = self.link
+        if link.closed:
+            return
+        # Streams keep order: what was written before this answer was read by the worker.
+        self.written_at_answer = self.written
+        events = link.events
+        parse = upstream_pb2.OutputStreamRequest.FromString
+        for raw in messages:
+            try:
+                out = parse(raw)
+            except Exception as error:  # protobuf DecodeError: grpcio ends the stream too
+                self.conn.reset(self, ErrorCodes.CANCEL)
+                self.finish(f"INTERNAL: cannot decode a message from the worker: {error}")
+                return
+            which = out.WhichOneof("target")
+            if which == "client_uuid":
+                events.on_reply(link, out.client_uuid, out.payload)
+            elif which == "broadcast":
+                events.on_broadcast(link, out.broadcast, out.payload)
+            else:
+                events.on_bad_message(link, "message with no target")
+            if self.stopped or link.closed:  # a handler stopped the stream
+                return
+
+    def finish(self, detail):
+        if self.finished:
+            return
+        self.finished = True
+        if not self.stopped:
+            self.link._emit(self.link.events.on_stream_closed,
+                            "worker ended the data stream" if detail is None else detail)
+
+    def push(self):
+        """Hand as much of the waiting batch to h2 as the windows allow."""
+        if self.batch is None or self.finished:
+            return
+        h2conn = self.conn.h2
+        sid = self.stream_id
+        wire = self.wire
+        total = len(wire)
+        sent = self.sent
+        try:
+            while sent < total:
+                window = h2conn.local_flow_control_window(sid)
+                if window <= 0:
+                    break
+                size = min(window, h2conn.max_outbound_frame_size, total - sent)
+                h2conn.send_data(sid, wire[sent:sent + size] if size < total else wire)
+                sent += size
+        except h2.exceptions.H2Error as error:  # the stream is closed on the h2 side
+            log.debug("cannot write to stream %s: %s", sid, error)
+        self.sent = sent
+        started = len(self.ends) if sent >= total else (bisect.bisect_left(self.ends, sent) + (sent > 0))
+        self.written += started - self.started_msgs
+        self.started_msgs = started
+        if sent >= total:
+            self.batch = self.ends = None
+            self.wire = b""
+            self.sent = self.started_msgs = 0
+
+    def take_back(self):
+        """The messages of the waiting batch not one byte of which was written."""
+        if self.batch is None:
+            return []
+        unsent = self.batch[3 * self.started_msgs:]
+        self.batch = self.ends = None
+        self.wire = b""
+        return unsent
+
+    def waiting(self):
+        if self.batch is None:
+            return 0
+        return len(self.ends) - self.started_msgs
+
+
+class _LiveCall(_Call):
+    __slots__ = ("interval", "timer", "sent_at")
+
+    def __init__(self, link, interval):
+        super().__init__(link)
+        self.interval = interval
+        self.timer = None
+        self.sent_at = 0.0
+
+    def messages(self, messages):
+        link = self.link
+        for raw in messages:
+            if self.stopped or link.closed:
+                return
+            try:
+                answer = upstream_pb2.LiveResult.FromString(raw)
+            except Exception as error:
+                self.conn.reset(self, ErrorCodes.CANCEL)
+                self.finish(f"INTERNAL: cannot decode a live answer: {error}")
+                return
+            link.live_seconds = link.reactor.clock() - self.sent_at
+            link._emit(link.events.on_live, answer.live, "live" if answer.live else "worker answered live=false")
+
+    def finish(self, detail):
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.stopped:
+            self.link._emit(self.link.events.on_live, False,
+                            "worker ended the live stream" if detail is None else detail)
+
+
+# -- the connection ----------------------------------------------------------------
+class _Connection:
+    """One h2c connection: a nonblocking socket in the reactor's selector, an h2 state machine."""
+
+    def __init__(self, link):
+        self.link = link
+        self.reactor = link.reactor
+        self.sock = None
+        self.addresses = []        # resolved addresses not tried yet
+        self.mask = 0
+        self.connected = False
+        self.closed = False
+        self.out = bytearray()     # bytes h2 produced that the socket has not taken yet
+        self.calls = {}            # stream id -> _Call
+        self.scanner = GoawayScanner()
+        self.goaway = None         # "GOAWAY (CODE: debug)" once the worker said it is going
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.h2.initiate_connection()
+        self.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
+                                 SettingCodes.ENABLE_PUSH: 0})
+        self.h2.increment_flow_control_window(RECEIVE_WINDOW - 65535)
+
+    def start(self):
+        """Begin connecting; return None, or why it failed at once.
+
+        An IP literal connects at once. A DNS name is resolved on a short-lived
+        thread, because getaddrinfo blocks and the reactor thread must not;
+        calls opened meanwhile wait in `out` like those of a pending connect.
+        """
+        link = self.link
+        try:
+            infos = socket.getaddrinfo(link.host, link.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            threading.Thread(target=self._resolve, name="pplex-h2-resolve", daemon=True).start()
+            return None
+        self.addresses = infos
+        return self._connect_next()
+
+    def _resolve(self):
+        link = self.link
+        try:
+            infos = socket.getaddrinfo(link.host, link.port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as error:
+            why = getattr(error, "strerror", None) or error
+            self.reactor.call_soon_threadsafe(
+                self._resolved, None, f"UNAVAILABLE: cannot resolve {link.authority.decode()}: {why}")
+            return
+        self.reactor.call_soon_threadsafe(self._resolved, infos, None)
+
+    def _resolved(self, infos, detail):
+        if self.closed:
+            return
+        if detail is None:
+            self.addresses = infos
+            detail = self._connect_next()
+        if detail is not None:
+            self.fail(detail)
+
+    def _connect_next(self):
+        """Connect to the next address the name resolved to (a name may have IPv6 and IPv4 ones)."""
+        code = 0
+        while self.addresses:
+            family, kind, proto, _, address = self.addresses.pop(0)
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = sock.connect_ex(address)
+            if code in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EINTR):
+                break
+            sock.close()
+        else:
+            return f"UNAVAILABLE: cannot connect to {self.link.authority.decode()}: {os.strerror(code)}"
+        self.sock = sock
+        self.connected = code == 0
+        # Writable once connected: then whatever waited in `out` goes.
+        self.mask = READ | WRITE
+        self.reactor.register(sock, self.mask, self)
+        return None
+
+    def _set_mask(self, mask):
+        if mask != self.mask and not self.closed:
+            self.mask = mask
+            self.reactor.modify(self.sock, mask, self)
+
+    # -- streams -------------------------------------------------------------
+    def open_call(self, call, path, extra=(), body=None, end_stream=False):
+        sid = self.h2.get_next_available_stream_id()
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
+                   (b":authority", self.link.authority), (b"content-type", b"application/grpc"),
+                   (b"te", b"trailers"), (b"user-agent", USER_AGENT), *extra]
+        self.h2.send_headers(sid, headers, end_stream=end_stream and body is None)
+        call.conn = self
+        call.stream_id = sid
+        self.calls[sid] = call
+        if body is not None:
+            self.send_small(call, body, end_stream)
+
+    def send_small(self, call, body, end_stream=False):
+        """A short request message (ready, heartbeat); False when the windows cannot take it now."""
+        sid = call.stream_id
+        if self.h2.local_flow_control_window(sid) < len(body):
+            return False
+        self.h2.send_data(sid, body, end_stream=end_stream)
+        return True
+
+    def reset(self, call, code=ErrorCodes.CANCEL):
+        """Abandon a call (RST_STREAM); its later frames are ignored."""
+        self.calls.pop(call.stream_id, None)
+        if not self.closed:
+            try:
+                self.h2.reset_stream(call.stream_id, code)
+            except h2.exceptions.H2Error:
+                pass   # already closed on the h2 side
+
+    def idle(self):
+        return not self.calls
+
+    # -- I/O -----------------------------------------------------------------
+    def flush(self):
+        """Move what h2 wants to send into the socket; never reports events (it may run in offer)."""
+        if self.closed:
+            return
+        data = self.h2.data_to_send()
+        if not self.connected:
+            if data:
+                self.out += data
+            return
+        out = self.out
+        if not out:
+            if not data:
+                return
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as error:
+                self._fail_soon(f"UNAVAILABLE: writing to the worker failed: {error.strerror or error}")
+                return
+            if n < len(data):
+                out += memoryview(data)[n:]
+                self._set_mask(READ | WRITE)
+            return
+        if data:
+            out += data
+        self._send_out()
+
+    def _send_out(self):
+        out = self.out
+        try:
+            n = self.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as error:
+            self._fail_soon(f"UNAVAILABLE: writing to the worker failed: {error.strerror or error}")
+            return
+        del out[:n]
+        self._set_mask(READ | WRITE if out else READ)
+
+    def _fail_soon(self, detail):
+        self.reactor.call_soon(self.fail, detail)
+
+    def _connect_done(self):
+        """The nonblocking connect finished (the socket is readable or writable): did it work?"""
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code and self.addresses:
+            self.reactor.unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+            detail = self._connect_next()
+            if detail is not None:
+                self.fail(detail)
+            return False
+        if code:
+            self.fail(f"UNAVAILABLE: cannot connect to {self.link.authority.decode()}: {os.strerror(code)}")
+            return False
+        self.connected = True
+        return True
+
+    def on_writable(self):
+        if self.closed:
+            return
+        if not self.connected and not self._connect_done():
+            return
+        self.flush()
+        if not self.closed and len(self.out) < OUT_HIGH_WATER:
+            self.link._writable_again(self)
+            self.flush()
+
+    def on_readable(self):
+        if self.closed:
+            return
+        if not self.connected:
+            if not self._connect_done():
+                return
+            self.flush()
+        try:
+            for _ in range(RECV_PER_EVENT):
+                try:
+                    data = self.sock.recv(RECV_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as error:
+                    self.fail(f"UNAVAILABLE: connection to the worker broke: {error.strerror or error}")
+                    return
+                if not data:
+                    after = f" after {self.goaway}" if self.goaway else ""
+                    self.fail(f"UNAVAILABLE: the worker closed the connection{after}")
+                    return
+                self.received(data)
+                if self.closed or len(data) < RECV_BYTES:
+                    break
+        finally:
+            self.flush()  # window updates, ping and settings acks, what handlers wrote
+
+    def received(self, data):
+        """Feed bytes to h2 and act on its events, then on any GOAWAY they held."""
+        data, goaways = self.scanner.feed(data)
+        if data:
+            self._receive(data)
+        for goaway in goaways:
+            if self.closed:
+                return
+            self._goaway(*goaway)
+
+    def _goaway(self, last_stream_id, code, debug):
+        try:
+            name = ErrorCodes(code).name
+        except ValueError:
+            name = f"error {code}"
+        text = debug.decode("utf-8", "replace")
+        self.goaway = f"GOAWAY ({name}{': ' + text if text else ''})"
+        if code != ErrorCodes.NO_ERROR:
+            self.fail(f"UNAVAILABLE: the worker sent {self.goaway}")
+            return
+        # Graceful: streams it took go on; the ones it did not will never be served.
+        self.link._connection_closed(self)  # new calls go to a new connection
+        for sid in [sid for sid in self.calls if sid > last_stream_id]:
+            call = self.calls.pop(sid)
+            call.finish(f"UNAVAILABLE: the worker is going away ({self.goaway}) and did not take the call")
+        if self.idle():
+            self.close()
+
+    def _receive(self, data):
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as error:
+            self.flush()  # h2 queued a GOAWAY naming the error
+            self.fail(f"INTERNAL: HTTP/2 protocol error from the worker: {error}")
+            return
+        DataReceived = h2.events.DataReceived
+        # Hand window back first, whatever the handlers below do.
+        acked = None
+        for event in events:
+            if event.__class__ is DataReceived and event.flow_controlled_length:
+                if acked is None:
+                    acked = {}
+                acked[event.stream_id] = acked.get(event.stream_id, 0) + event.flow_controlled_length
+        if acked:
+            for sid, size in acked.items():
+                self.h2.acknowledge_received_data(size, sid)
+        calls = self.calls
+        window_opened = False
+        for event in events:
+            cls = event.__class__
+            if cls is DataReceived:
+                call = calls.get(event.stream_id)
+                if call is not None:
+                    call.data(event.data)
+            elif cls is h2.events.ResponseReceived or cls is h2.events.TrailersReceived:
+                call = calls.get(event.stream_id)
+                if call is not None:
+                    call.headers(event.headers)
+            elif cls is h2.events.StreamEnded:
+                call = calls.pop(event.stream_id, None)
+                if call is not None:
+                    call.ended()
+            elif cls is h2.events.StreamReset:
+                call = calls.pop(event.stream_id, None)
+                if call is not None:
+                    call.finish(describe_reset(event.error_code))
+            elif cls is h2.events.WindowUpdated or cls is h2.events.RemoteSettingsChanged:
+                window_opened = True
+            elif cls is h2.events.ConnectionTerminated:  # not seen: GoawayScanner keeps them from h2
+                self.fail(f"UNAVAILABLE: the worker sent GOAWAY ({event.error_code})")
+                return
+            if self.closed:
+                return
+        if window_opened:
+            self.link._window_opened(self)
+        if self.goaway is not None and self.idle():
+            self.close()  # going away and nothing left on it
+
+    def fail(self, detail):
+        """The connection is gone: end every call on it with `detail`."""
+        if self.closed:
+            return
+        self.close()
+        calls = list(self.calls.values())
+        self.calls.clear()
+        for call in calls:
+            call.finish(detail)
+
+    def close(self):
+        """Drop the connection without reporting anything (a GOAWAY goes out if the socket takes it)."""
+        if self.closed:
+            return
+        if self.connected:
+            try:
+                self.h2.close_connection()
+                data = bytes(self.out) + self.h2.data_to_send()
+                self.sock.send(data)
+            except (OSError, h2.exceptions.H2Error):
+                pass
+        self.closed = True
+        self.link._connection_closed(self)
+        if self.sock is not None:
+            self.reactor.unregister(self.sock)
+            self.sock.close()
+
+
+# -- the link ----------------------------------------------------------------------
+class H2Transport(Transport):
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    def connect(self, upstream, events):
+        return H2Link(self.reactor, upstream.host, upstream.port, events)
+
+    def close(self):
+        pass
+
+
+class H2Link(Link):
+    def __init__(self, reactor, host, port, events):
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.authority = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+        self.events = events
+        self.closed = False
+        self._conn = None
+        self._ready = None
+        self._data = None
+        self._live = None
+        # Latest round trips in seconds, for metrics.
+        self.ready_seconds = None
+        self.live_seconds = None
+
+    def _emit(self, handler, *args):
+        if not self.closed:
+            handler(self, *args)
+
+    def _emit_soon(self, handler, *args):
+        self.reactor.call_soon(self._emit, handler, *args)
+
+    def _connection(self):
+        """The open connection, or a new one; (connection, None) or (None, why not)."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn, None
+        conn = _Connection(self)
+        detail = conn.start()
+        if detail is not None:
+            return None, detail
+        self._conn = conn
+        return conn, None
+
+    def _connection_closed(self, conn):
+        if self._conn is conn:
+            self._conn = None
+
+    # -- readiness -----------------------------------------------------------
+    def probe_ready(self, timeout):
+        if self.closed:
+            return
+        if self._ready is not None:  # a probe still out: the new one replaces it
+            old, self._ready = self._ready, None
+            old.stopped = True
+            if old.timer is not None:
+                old.timer.cancel()
+        conn, detail = self._connection()
+        call = _ReadyCall(self, self.reactor.clock(), timeout)
+        self._ready = call
+        if conn is None:
+            call.finished = True
+            self.reactor.call_soon(self._ready_done, call, detail)
+            return
+        call.timer = self.reactor.call_later(timeout, self._ready_deadline, call)
+        conn.open_call(call, READY_PATH, extra=((b"grpc-timeout", grpc_timeout(timeout)),),
+                       body=EMPTY_MESSAGE, end_stream=True)
+        conn.flush()
+
+    def _ready_deadline(self, call):
+        call.timer = None
+        if call.finished:
+            return
+        conn = call.conn
+        state = "connecting" if not conn.connected else "connected"
+        call.finish(f"DEADLINE_EXCEEDED: no ready answer within {call.timeout:g} s ({state})")
+        # A worker that does not answer gets a fresh connection for the next probe.
+        conn.reset(call)
+        if conn.idle() or not conn.connected:
+            conn.close()
+        else:
+            conn.flush()
+
+    def _ready_done(self, call, detail):
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        if self._ready is not call or call.stopped:
+            return
+        self._ready = None
+        if detail is None:
+            ok = bool(call.answer.ready)
+            detail = "ready" if ok else "worker answered ready=false"
+        else:
+            ok = False
+        self._emit(self.events.on_ready, ok, detail)
+
+    # -- data stream ---------------------------------------------------------
+    def open_stream(self):
+        call = _DataCall(self)
+        self._data = call
+        conn = self._conn
+        if conn is None or conn.closed:
+            call.finished = True
+            self._emit_soon(self.events.on_stream_closed, "UNAVAILABLE: the connection closed before the stream opened")
+            return
+        conn.open_call(call, DATA_PATH)
+        conn.flush()
+
+    def offer(self, batch):
+        call = self._data
+        if call is None or call.finished:
+            return False
+        conn = call.conn
+        if call.batch is not None or len(conn.out) >= OUT_HIGH_WATER:
+            call.want_drain = True
+            return False
+        call.wire, call.ends = encode_batch(batch)
+        call.batch = batch
+        call.push()
+        conn.flush()
+        return True
+
+    def _window_opened(self, conn):
+        call = self._data
+        if call is not None and call.conn is conn and call.batch is not None:
+            call.push()
+        self._maybe_drained(conn)
+
+    def _writable_again(self, conn):
+        self._maybe_drained(conn)
+
+    def _maybe_drained(self, conn):
+        call = self._data
+        if (call is not None and call.conn is conn and call.want_drain and call.batch is None
+                and not call.finished and len(conn.out) < OUT_HIGH_WATER):
+            call.want_drain = False
+            self._emit(self.events.on_drained)
+
+    def unanswered(self):
+        call = self._data
+        if call is None:
+            return 0
+        return call.waiting() + call.written - call.written_at_answer
+
+    def stop_stream(self):
+        call, self._data = self._data, None
+        if call is None:
+            return [], 0
+        call.stopped = True
+        unsent = call.take_back()
+        unconfirmed = max(0, call.written - call.written_at_answer)
+        conn = call.conn
+        if conn is not None and not conn.closed:
+            conn.reset(call)
+            # The stream is what the connection was for: the next probe gets a fresh one.
+            if self._live is None or self._live.conn is not conn:
+                conn.close()
+            else:
+                conn.flush()
+        return unsent, unconfirmed
+
+    # -- liveness ------------------------------------------------------------
+    def start_live(self, interval):
+        self.stop_live()
+        call = _LiveCall(self, interval)
+        self._live = call
+        conn = self._conn
+        if conn is None or conn.closed:
+            call.finished = True
+            self._emit_soon(self.events.on_live, False, "UNAVAILABLE: no connection to the worker")
+            return
+        conn.open_call(call, LIVE_PATH)
+        self._heartbeat(call)
+
+    def _heartbeat(self, call):
+        call.timer = None
+        if call.finished or call.stopped:
+            return
+        call.sent_at = self.reactor.clock()
+        # A heartbeat the windows cannot take now is skipped; the live deadline judges.
+        call.conn.send_small(call, EMPTY_MESSAGE)
+        call.conn.flush()
+        call.timer = self.reactor.call_later(call.interval, self._heartbeat, call)
+
+    def stop_live(self):
+        call, self._live = self._live, None
+        if call is None:
+            return
+        call.stopped = True
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        conn = call.conn
+        if conn is not None and not conn.closed and not call.finished:
+            conn.reset(call)
+            conn.flush()
+
+    def close(self):
+        self.closed = True
+        self.stop_live()
+        self.stop_stream()
+        if self._ready is not None:
+            self._ready.stopped = True
+            if self._ready.timer is not None:
+                self._ready.timer.cancel()
+            self._ready = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
