@@ -1,6 +1,6 @@
 """Failover figure: kill -9 one of three workers under 200 steady clients.
 
-    .venv/bin/python -m bench.failover [--clients 200] [--rate 20] [--alive-timeout 1]
+    .venv/bin/python -m bench.failover [--clients 200] [--rate 20] [--alive-timeout 1] [--transport grpcio|h2]
 
 Each client sends a numbered line every 1/rate seconds (open loop: it does
 not wait for replies, as a game client does not), through pplex to three Go
@@ -91,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--alive-timeout", type=float, default=1.0)
     parser.add_argument("--seconds", type=float, default=6.0, help="sending time; the kill is at half")
     parser.add_argument("--worker", choices=("go", "python"), default="go")
+    parser.add_argument("--transport", choices=("grpcio", "h2"), default="grpcio")
     args = parser.parse_args(argv)
     procs.raise_nofile()
     tmp = tempfile.mkdtemp(prefix="pplex-failover-")
@@ -103,7 +104,8 @@ def main(argv=None):
             json.dump({"upstream": [{"host": "127.0.0.1", "port": int(target.rsplit(":", 1)[1]),
                                      "alive_timeout": args.alive_timeout} for _, target in workers]}, handle)
         argv = targets.pplex_argv() + ["--listen", "127.0.0.1:%d" % listen, "--admin", "127.0.0.1:%d" % admin,
-                                       "--config", config, "--log-level", "warning"]
+                                       "--config", config, "--log-level", "warning",
+                                       "--transport", args.transport]
         pplex = ps.start("pplex", argv, cwd=targets.REPO, env=targets.python_env())
         targets.probe_while_alive(pplex, ("127.0.0.1", listen), 30, argv)
         admin_address = ("127.0.0.1", admin)
@@ -144,8 +146,8 @@ def main(argv=None):
     total_sent = sum(len(s) for s in clients.sent_at)
     p99_before = before[int(len(before) * 0.99)] if before else float("nan")
     worst_around = max(around) if around else float("nan")
-    print("failover: kill -9 one of 3 Go echo workers, %d clients x %g msg/s, alive_timeout %g s"
-          % (args.clients, args.rate, args.alive_timeout))
+    print("failover: kill -9 one of 3 %s echo workers, %d clients x %g msg/s, alive_timeout %g s, %s transport"
+          % ("Go" if args.worker == "go" else "Python", args.clients, args.rate, args.alive_timeout, args.transport))
     print("  ejected from rotation   %8.1f ms after kill -9" % ((ejected_at - killed_at) * 1000 if ejected_at else float("nan")))
     print("  failover (worst reply delay of messages sent within 0.5 s of the kill) %8.1f ms"
           "  (p99 before the kill %.1f ms)" % (worst_around * 1000, p99_before * 1000))
