@@ -5,10 +5,19 @@ from tests.helpers import PplexProcess, RecordingWorker
 
 
 @pytest.fixture
-def start_pplex(tmp_path):
+def transport():
+    """The transport `start_pplex` gives pplex. A module that tests both overrides this with
+    `@pytest.fixture(params=TRANSPORTS)`, and each of its tests then runs once per transport."""
+    return "grpcio"
+
+
+@pytest.fixture
+def start_pplex(tmp_path, transport):
     started = []
 
     def start(*args, config=None, env=None):
+        if transport != "grpcio" and "--transport" not in args:
+            args += ("--transport", transport)
         proc = PplexProcess(tmp_path, *args, config=config, env=env)
         started.append(proc)
         return proc

@@ -18,6 +18,9 @@ import urllib.request
 
 from pplex.worker import Worker
 
+# pplex --transport values; tests that run on both take them from here
+TRANSPORTS = ("grpcio", "h2")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTUP_LINE = re.compile(r"pplex listening on (\S+):(\d+), admin API on http://(\S+):(\d+)")
 

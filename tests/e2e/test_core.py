@@ -7,7 +7,13 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, Client, free_port, wait_for
+from tests.helpers import ROOT, TRANSPORTS, Client, free_port, wait_for
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request):
+    """Every test here that starts pplex runs once per transport: grpcio, then h2."""
+    return request.param
 
 ALL, ACTIVE, NOT_ACTIVE = 0, 1, 2
 
@@ -55,6 +61,11 @@ def test_fifty_clients_two_workers_round_robin_and_replies_in_order(start_pplex,
     assert len(uuids_by_client) == 50
     assert all(len(u) == 1 for u in uuids_by_client.values())
     assert len({u for s in uuids_by_client.values() for u in s}) == 50
+    # Pipelined: 200 lines in one write come back in order.
+    clients[0].send(b"".join(b"p%d\n" % i for i in range(200)))
+    assert [clients[0].recv_line() for _ in range(200)] == [b"p%d" % i for i in range(200)]
+    assert all(u["live_rtt_seconds"] is not None and u["ready_probe_seconds"] is not None
+               for u in pplex.upstreams())
 
 
 def test_broadcast_all_reaches_every_client_once(start_pplex, start_worker):

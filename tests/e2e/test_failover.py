@@ -14,7 +14,13 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, RecordingWorker, free_port, wait_for
+from tests.helpers import ROOT, TRANSPORTS, RecordingWorker, free_port, wait_for
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request):
+    """Every test here that starts pplex runs once per transport: grpcio, then h2."""
+    return request.param
 
 
 class WorkerProcess:
