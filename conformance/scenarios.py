@@ -49,6 +49,20 @@ def names():
     return [s.name for s in SCENARIOS]
 
 
+def held_out(ctx, port, ready_timeout):
+    """pplex on one worker that must stay out of rotation, one client with a message for it, and the
+    wait for two failed ready probes: (pplex, pool, client, the second failure or None, seconds waited)."""
+    pplex = ctx.pplex([port], ready_timeout=ready_timeout)
+    pool = ctx.pool(pplex)
+    client, = pool.connect(1, "waiting")
+    client.send(b"held-" + token())
+    started = time.monotonic()
+    second = pplex.wait_event("u1", "not_ready", count=2, timeout=2 * ready_timeout + 3)
+    elapsed = time.monotonic() - started
+    pool.pump(0.01)
+    return pplex, pool, client, second, elapsed
+
+
 # -- wording shared by several scenarios ------------------------------------------------
 
 def ready_failure(profile):
@@ -161,14 +175,7 @@ def slow_ready(ctx):
         port, subject = ctx.helper(ready=SLOW_READY_SLEEP_MS / 1000).port, "pplex"
         note = ("the worker command has no {ready_sleep} placeholder and no --slow-ready-cmd was given, "
                 "so the slow worker is the helper worker")
-    pplex = ctx.pplex([port], ready_timeout=SLOW_READY_TIMEOUT)
-    pool = ctx.pool(pplex)
-    client, = pool.connect(1, "waiting")
-    client.send(b"held-" + token())
-    started = time.monotonic()
-    second = pplex.wait_event("u1", "not_ready", count=2, timeout=2 * SLOW_READY_TIMEOUT + 3)
-    elapsed = time.monotonic() - started
-    pool.pump(0.01)
+    pplex, pool, client, second, elapsed = held_out(ctx, port, SLOW_READY_TIMEOUT)
     if pplex.events_of("u1", "ready"):
         if subject == "pplex":
             raise Fail(f"pplex: put a worker whose ready answers after {SLOW_READY_SLEEP_MS} ms in rotation, "
@@ -683,14 +690,7 @@ def stream_closed(ctx):
 
 def never_ready_handling(ctx, port, ready_timeout, who):
     """A worker that never becomes ready: pplex keeps it out, holds messages, keeps clients, says why."""
-    pplex = ctx.pplex([port], ready_timeout=ready_timeout)
-    pool = ctx.pool(pplex)
-    client, = pool.connect(1, "waiting")
-    client.send(b"held-" + token())
-    started = time.monotonic()
-    second = pplex.wait_event("u1", "not_ready", count=2, timeout=2 * ready_timeout + 3)
-    elapsed = time.monotonic() - started
-    pool.pump(0.01)
+    pplex, pool, client, second, elapsed = held_out(ctx, port, ready_timeout)
     if pplex.events_of("u1", "ready"):
         raise Fail(f"pplex: put {who} in rotation though ready never said true")
     if second is None:
