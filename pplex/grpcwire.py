@@ -115,24 +115,33 @@ class MessageReader:
         return self.size
 
 
+DATA_TYPE = 0x0
 GOAWAY_TYPE = 0x7
+WINDOW_UPDATE_TYPE = 0x8
 
 
-class GoawayScanner:
-    """Walks HTTP/2 frame headers in the received bytes and takes GOAWAY frames out.
+class FrameScanner:
+    """Walks the HTTP/2 frames in the received bytes, in order, and sorts them three ways.
 
-    `feed(data)` returns (bytes for h2, [(last_stream_id, error_code, debug_data), ...]).
-    Bytes of a frame header, or of a GOAWAY frame, not yet whole are held back
-    until they are; every other frame passes as soon as its header was seen.
+    - GOAWAY frames are taken out and returned, for the caller to act on after the rest;
+    - plain DATA frames (no flags: no END_STREAM, no padding) of one stream, `fast`, go to
+      `on_fast(payload)`: the data stream's bytes skip h2's per-frame objects and events;
+    - every other byte goes to `on_h2(bytes)`, in runs, in order with the DATA payloads.
+
+    A frame header, a GOAWAY frame or a fast DATA frame not yet whole is held
+    back until it is; any other frame is passed on as soon as its header was
+    seen. A callback that returns True stops the walk: the connection is gone.
     """
 
-    __slots__ = ("skip", "held")
+    __slots__ = ("skip", "held", "fast")
 
     def __init__(self):
-        self.skip = 0      # bytes of a frame already let through that are still to come
-        self.held = b""    # the start of a frame header or of a GOAWAY frame
+        self.skip = 0      # bytes of a frame already passed to h2 that are still to come
+        self.held = b""    # the start of a frame header, a GOAWAY frame or a fast DATA frame
+        self.fast = 0      # the stream whose plain DATA frames bypass h2 (0: none)
 
-    def feed(self, data):
+    def feed(self, data, on_h2, on_fast):
+        """Hand `data` on in order; return the GOAWAYs it held: [(last_stream_id, error_code, debug)]."""
         if self.held:
             data = self.held + data
             self.held = b""
@@ -140,22 +149,34 @@ class GoawayScanner:
         pos = self.skip
         if pos >= n:
             self.skip = pos - n
-            return data, ()
+            on_h2(data)
+            return ()
         self.skip = 0
-        goaways = None
-        start = 0          # start of the bytes for h2 not yet cut out
-        parts = None
+        goaways = ()
+        start = 0          # the first byte not yet handed on
+        fast = self.fast
         while n - pos >= 9:
             end = pos + 9 + ((data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2])
-            if data[pos + 3] == GOAWAY_TYPE:
+            kind = data[pos + 3]
+            if kind == DATA_TYPE and fast and not data[pos + 4] and fast == (
+                    ((data[pos + 5] & 0x7F) << 24) | (data[pos + 6] << 16) | (data[pos + 7] << 8) | data[pos + 8]):
+                if end > n:
+                    break
+                if start < pos and on_h2(data[start:pos]):
+                    return goaways
+                if on_fast(data[pos + 9:end]):
+                    return goaways
+                start = end
+                fast = self.fast   # a handler may have ended the stream
+            elif kind == GOAWAY_TYPE:
                 if end > n:
                     break
                 last_id, code = struct.unpack_from(">II", data, pos + 9)
-                if goaways is None:
+                if not goaways:
                     goaways = []
-                    parts = []
                 goaways.append((last_id & 0x7FFFFFFF, code, bytes(data[pos + 17:end])))
-                parts.append(data[start:pos])
+                if start < pos and on_h2(data[start:pos]):
+                    return goaways
                 start = end
             elif end > n:
                 self.skip = end - n
@@ -164,10 +185,14 @@ class GoawayScanner:
             pos = end
         if pos < n:
             self.held = data[pos:]
-        if goaways is None:
-            return (data[:pos] if pos < n else data), ()
-        parts.append(data[start:pos])
-        return b"".join(parts), goaways
+        if start < pos:
+            on_h2(data[start:pos] if start or pos < n else data)
+        return goaways
+
+
+def window_update(stream_id, increment):
+    """A WINDOW_UPDATE frame: give the peer `increment` more bytes to send on the stream (0: connection)."""
+    return struct.pack(">HBBBII", 0, 4, WINDOW_UPDATE_TYPE, 0, stream_id, increment)
 
 
 def grpc_timeout(seconds):

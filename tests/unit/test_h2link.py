@@ -20,8 +20,9 @@ from h2.settings import SettingCodes
 from pplex._proto import upstream_pb2
 from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame
 
-from pplex.grpcwire import (FramingError, GoawayScanner, MessageReader, call_outcome, encode_batch, frame_message,
+from pplex.grpcwire import (FrameScanner, FramingError, MessageReader, call_outcome, encode_batch, frame_message,
                             grpc_timeout)
+from pplex import h2link
 from pplex.h2link import DATA_PATH, LIVE_PATH, READY_PATH, H2Link
 from pplex.reactor import Reactor
 from pplex.transport import LinkEvents
@@ -99,33 +100,74 @@ def test_status_outcomes_read_like_grpcio_errors():
     assert call_outcome(None, None, "").startswith("INTERNAL")
 
 
-def test_goaway_frames_are_taken_out_of_the_byte_stream_wherever_reads_cut_it():
+def _merged(items):
+    """Consecutive h2 chunks joined: how a reader cuts the bytes must not matter."""
+    out = []
+    for kind, data in items:
+        if out and kind == "h2" and out[-1][0] == "h2":
+            out[-1] = ("h2", out[-1][1] + data)
+        elif kind != "h2" or data:
+            out.append((kind, bytes(data)))
+    return out
+
+
+def test_frames_are_sorted_in_order_wherever_reads_cut_them():
+    """GOAWAYs out, plain DATA of the fast stream to on_fast, all else to h2, in the order they came."""
     rng = random.Random(3)
-    frames, expected_goaways, kept = [], [], []
-    for i in range(300):
+    frames, expected_goaways, expected, not_goaway = [], [], [], []
+    for i in range(400):
         if i % 37 == 5:
             frame = GoAwayFrame(0, last_stream_id=i, error_code=i % 3, additional_data=b"bye %d" % i)
             expected_goaways.append((i, i % 3, b"bye %d" % i))
         elif i % 11 == 0:
             frame = PingFrame(0, opaque_data=b"%08d" % i)
+        elif i % 7 == 0:
+            frame = DataFrame(3, data=rng.randbytes(rng.randrange(0, 2000)))   # another stream: h2's
+        elif i % 13 == 0:
+            frame = DataFrame(1, data=rng.randbytes(100), flags=["END_STREAM"])  # flags: h2's
+        elif i % 17 == 0:
+            frame = DataFrame(1, data=rng.randbytes(100), flags=["PADDED"], pad_length=7)
         else:
             frame = DataFrame(1, data=rng.randbytes(rng.randrange(0, 40000)))
         wire = frame.serialize()
         frames.append(wire)
         if not isinstance(frame, GoAwayFrame):
-            kept.append(wire)
+            not_goaway.append(wire)
+        if isinstance(frame, DataFrame) and frame.stream_id == 1 and not frame.flags:
+            expected.append(("fast", frame.data))
+        elif not isinstance(frame, GoAwayFrame):
+            expected.append(("h2", wire))
     stream = b"".join(frames)
     for trial in range(20):
-        scanner = GoawayScanner()
-        out, goaways, pos = [], [], 0
+        scanner = FrameScanner()
+        scanner.fast = 1
+        got, goaways, pos = [], [], 0
         while pos < len(stream):
             step = rng.choice((1, 2, 8, 9, 10, 17, 100, 5000, 70000))
-            data, found = scanner.feed(stream[pos:pos + step])
-            out.append(data)
-            goaways += found
+            goaways += scanner.feed(stream[pos:pos + step], lambda b: got.append(("h2", b)),
+                                    lambda b: got.append(("fast", b)))
             pos += step
-        assert b"".join(out) == b"".join(kept)
+        assert _merged(got) == _merged(expected)
         assert goaways == expected_goaways
+    # With no fast stream, every DATA frame is h2's.
+    scanner = FrameScanner()
+    got = []
+    scanner.feed(stream, got.append, lambda b: pytest.fail("no fast stream"))
+    assert b"".join(got) == b"".join(not_goaway)
+
+
+def test_a_handler_that_returns_true_stops_the_walk():
+    scanner = FrameScanner()
+    scanner.fast = 1
+    stream = b"".join(DataFrame(1, data=b"m%d" % i).serialize() for i in range(5))
+    seen = []
+
+    def on_fast(payload):
+        seen.append(payload)
+        return payload == b"m2"   # the connection failed while handling it
+
+    scanner.feed(stream, lambda b: pytest.fail("nothing for h2"), on_fast)
+    assert seen == [b"m0", b"m1", b"m2"]
 
 
 def test_grpc_timeout_header_has_at_most_eight_digits():
@@ -154,6 +196,7 @@ class ScriptedWorker:
         self.readers = {}
         self.received = []        # (path, body) of every request message
         self.resets = []          # stream ids the client reset
+        self.unsent = {}          # stream id -> bytes `send_all` keeps until the client gives window
         self.lock = threading.RLock()
         self.conn = None
         self.sock = None
@@ -214,6 +257,8 @@ class ScriptedWorker:
                 self._message(event.stream_id, path, body)
         elif isinstance(event, h2.events.StreamReset):
             self.resets.append(event.stream_id)
+        elif isinstance(event, h2.events.WindowUpdated):
+            self._push()
 
     def _message(self, sid, path, body):
         if path == READY_PATH:
@@ -234,6 +279,20 @@ class ScriptedWorker:
     def send(self, sid, data):
         """`data` as one DATA frame."""
         self.conn.send_data(sid, data)
+
+    def send_all(self, sid, data):
+        """`data` in as many DATA frames as it takes, each when the client's windows allow."""
+        self.unsent[sid] = self.unsent.get(sid, b"") + data
+        self._push()
+
+    def _push(self):
+        for sid, data in list(self.unsent.items()):
+            room = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            while data and room > 0:
+                self.conn.send_data(sid, data[:room])
+                data = data[room:]
+                room = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            self.unsent[sid] = data
 
     def trailers(self, sid, status, message=b""):
         headers = [(b"grpc-status", str(status).encode())]
@@ -363,6 +422,27 @@ def test_reply_split_across_frames_then_many_in_one_frame_then_error_trailers(se
     assert log[-1] == ("closed", "UNAVAILABLE: going away \u2713")
     assert link.unanswered() == 0
     assert link.stop_stream() == ([], 0)
+
+
+def test_data_stream_bypasses_h2_and_gives_its_window_back(setup, monkeypatch):
+    """Far more reply bytes than the receive window: they arrive only if the link returns the window."""
+    monkeypatch.setattr(h2link, "RECEIVE_WINDOW", 256 * 1024)
+    monkeypatch.setattr(h2link, "WINDOW_RETURN_BYTES", 64 * 1024)
+    replies = [Out(client_uuid="c1", payload=bytes([i]) * 16000) for i in range(80)]   # 1.3 MB
+
+    def script(worker, sid, path, body):
+        worker.send_all(sid, b"".join(frame_message(m.SerializeToString()) for m in replies))
+
+    worker, reactor, link, events = setup(on_message=script)
+    make_ready(reactor, link, events)
+    assert offer(link, events, ["c1", b"go", "t0"]) is True
+    run_until(reactor, lambda: len(events.kinds("reply")) == 80, timeout=10)
+    assert [e[2] for e in events.kinds("reply")] == [m.payload for m in replies]
+    assert link._conn.scanner.fast == link._data.stream_id   # the data stream's DATA skipped h2
+    # Ready and live still go through h2 on the same connection.
+    link.start_live(0.05)
+    run_until(reactor, lambda: events.kinds("live"))
+    assert events.kinds("live")[0][1] is True
 
 
 def test_a_whole_batch_goes_out_in_one_data_frame(setup):
