@@ -1,8 +1,11 @@
 """Config validation: defaults, and one-line errors that name the path of the bad value."""
+import os
+
 import pytest
 
-from pplex.config import parse_address, validate
+from pplex.config import SCHEMA, load_file, parse_address, validate
 from pplex.errors import ConfigError
+from tests.helpers import ROOT
 
 
 def test_defaults_fill_every_section():
@@ -49,3 +52,11 @@ def test_parse_address(text, expected):
 def test_parse_address_rejects(text):
     with pytest.raises(ConfigError, match="--listen"):
         parse_address(text, "--listen")
+
+
+def test_the_documented_example_config_is_valid_and_shows_every_section():
+    path = os.path.join(ROOT, "pplex.json")
+    raw = load_file(path)
+    config = validate(raw, path)
+    assert set(raw) == {str(key) for key in SCHEMA.schema}, "pplex.json must document every top-level key"
+    assert config["server"]["port"] == 7999 and config["transport"] == "grpcio"
