@@ -11,12 +11,16 @@ import resource
 from pplex.admin import AdminServer, Control, build_app
 from pplex.bridge import GrpcTransport
 from pplex.connection import format_peer
+from pplex.h2link import H2Transport
 from pplex.manager import Context, PluginSet
 from pplex.metrics import metrics_exporter
 from pplex.proxy import Proxy
 from pplex.reactor import Reactor
 
 log = logging.getLogger("pplex")
+
+# config "transport" -> how pplex speaks gRPC to workers (both implement pplex.transport.Transport)
+TRANSPORTS = {"grpcio": GrpcTransport, "h2": H2Transport}
 
 
 def raise_file_limit():
@@ -36,12 +40,8 @@ class App:
         self.plugins = PluginSet(enabled=list(config["plugins"]), settings=config["plugins"])
         self.context = Context(self.reactor, config, proxy=None)
         self.plugins.configure(self.context)
-        if config.get("transport") == "h2":
-            from pplex.h2link import H2Transport
-            self.transport = H2Transport(self.reactor)
-        else:
-            self.transport = GrpcTransport(self.reactor)
-        log.info("workers are reached with the %s transport", config.get("transport", "grpcio"))
+        self.transport = TRANSPORTS[config["transport"]](self.reactor)
+        log.info("workers are reached with the %s transport", config["transport"])
         self.proxy = Proxy(self.reactor, config, self.plugins, self.transport)
         self.context.proxy = self.proxy
         self.control = Control(self.reactor)
