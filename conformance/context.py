@@ -106,6 +106,12 @@ class Context:
         self._count += 1
         return f"{self.scenario}-{kind}{self._count}"
 
+    def serving(self):
+        """The worker under test (instance 0) in rotation behind a fresh pplex: (pplex, pool, log mark)."""
+        pplex = self.pplex([self.worker(0).port])
+        wait_ready(pplex)
+        return pplex, self.pool(pplex), pplex.mark()
+
     def pplex(self, ports, alive_timeout=ALIVE_TIMEOUT, ready_timeout=READY_TIMEOUT, active_window=1.0,
               framing=None):
         upstreams = [{"host": HOST, "port": port, "alive_timeout": alive_timeout, "ready_timeout": ready_timeout}

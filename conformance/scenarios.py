@@ -236,11 +236,7 @@ ROUND_TRIP_EACH = 5
 @scenario("round_trip_uuid_integrity", needs=("stable", "answers"),
           summary="100 concurrent clients: replies reach only their own client; silent clients get only broadcasts")
 def round_trip_uuid_integrity(ctx):
-    instance = ctx.worker(0)
-    pplex = ctx.pplex([instance.port])
-    wait_ready(pplex)
-    since = pplex.mark()
-    pool = ctx.pool(pplex)
+    pplex, pool, since = ctx.serving()
     senders = pool.connect(ROUND_TRIP_SENDERS, "s")
     silent = pool.connect(ROUND_TRIP_SILENT, "silent")
     echo = ctx.profile.echo == "yes"
@@ -332,11 +328,7 @@ def echo_all(ctx, pplex, pool, client, payloads, timeout=15.0):
 @scenario("binary_payloads", needs=("stable", "echo"),
           summary="every byte value 0..255 (and an empty message) comes back unchanged (echo workers)")
 def binary_payloads(ctx):
-    instance = ctx.worker(0)
-    pplex = ctx.pplex([instance.port])
-    wait_ready(pplex)
-    since = pplex.mark()
-    pool = ctx.pool(pplex)
+    pplex, pool, since = ctx.serving()
     client, = pool.connect(1, "binary")
     payloads = ([bytes([value]) for value in range(256)]
                 + [bytes(range(256)), bytes(range(255, -1, -1)), bytes(range(256)) * 64, b""])
@@ -662,11 +654,7 @@ def stream_closed(ctx):
         raise Fail(text + "; " + describe_handling(handled), subject="worker+pplex", details=handled)
     if profile.traffic_ok is False:
         raise Skip(f"not run: your worker leaves rotation under traffic (see live_heartbeats): {detail}")
-    instance = ctx.worker(0)
-    pplex = ctx.pplex([instance.port])
-    wait_ready(pplex)
-    since = pplex.mark()
-    pool = ctx.pool(pplex)
+    pplex, pool, since = ctx.serving()
     clients = pool.connect(20, "c")
     mark = traffic_mark(pplex, pool)
     for k in range(5):
@@ -802,11 +790,7 @@ def garbage_payloads(ctx):
     ctx.end_scope()
     profile = ctx.profile
     if profile.echo == "corrupt":
-        instance = ctx.worker(0)
-        pplex = ctx.pplex([instance.port])
-        wait_ready(pplex)
-        since = pplex.mark()
-        pool = ctx.pool(pplex)
+        pplex, pool, since = ctx.serving()
         client, = pool.connect(1, "c")
         mark = traffic_mark(pplex, pool)
         for k in range(3):
@@ -825,11 +809,7 @@ def garbage_payloads(ctx):
                    f"{pplex_part}; {helper_part}", subject="worker+pplex",
                    details={"bytes_written": written, "bytes_framed": framed})
     if profile.echo == "yes":
-        instance = ctx.worker(0)
-        pplex = ctx.pplex([instance.port])
-        wait_ready(pplex)
-        since = pplex.mark()
-        pool = ctx.pool(pplex)
+        pplex, pool, since = ctx.serving()
         client, = pool.connect(1, "c")
         rng = random.Random(11)
         echo_all(ctx, pplex, pool, client, [rng.randbytes(n) for n in (3, 1000, 100000, 200000)])
