@@ -238,3 +238,31 @@ def test_add_under_load_takes_traffic_and_drain_loses_nothing(start_pplex, start
         assert pplex.stats()["drops"] == {}
     finally:
         clients.stop()
+
+
+class SilentWorker(RecordingWorker):
+    """Takes every message and never answers: all pplex wrote to it is unconfirmed when it dies."""
+
+    def on_message(self, stream, client_uuid, payload):
+        with self.lock:
+            self.received.append((client_uuid, payload))
+
+
+def test_messages_written_to_a_worker_that_dies_unanswered_are_counted_unconfirmed(start_pplex, start_worker):
+    silent = start_worker(SilentWorker("silent"))
+    pplex = start_pplex("--upstream", f"127.0.0.1:{silent.port}")
+    pplex.wait_ready_upstreams(1)
+    client = pplex.client()
+    sent = b"".join(b"message %d\n" % i for i in range(5))
+    for i in range(5):
+        client.send(b"message %d\n" % i)
+    wait_for(lambda: b"".join(p for _, p in silent.received) == sent, message="the worker got every byte")
+    written = silent.count()   # raw framing may have merged some sends into one message
+    silent.stop(grace=0)
+    wait_for(lambda: pplex.stats()["unconfirmed"] == written, message=f"{written} unconfirmed")
+    assert "unconfirmed (at-most-once)" in pplex.log()
+    status, metrics = pplex.admin("GET", "/metrics")
+    assert f"pplex_messages_unconfirmed_total {float(written)}" in metrics
+    # Counted, not resent, and the client keeps its connection while it waits for a worker.
+    assert pplex.stats()["rerouted"] == 0
+    assert pplex.stats()["connections_open"] == 1
