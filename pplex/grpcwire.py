@@ -110,6 +110,19 @@ class MessageReader:
                 self.need = 5
         return messages
 
+    def feed_frames(self, payloads):
+        """`feed` for several DATA payloads; a payload that is exactly one message costs one slice."""
+        messages = []
+        append = messages.append
+        for payload in payloads:
+            if not self.parts and len(payload) >= 5:
+                flag, length = _unpack_header(payload, 0)
+                if not flag and length == len(payload) - 5 and length <= self.limit:
+                    append(payload[5:])
+                    continue
+            messages += self.feed(payload)
+        return messages
+
     def pending(self):
         """Bytes received that are not yet a whole message."""
         return self.size
@@ -125,12 +138,15 @@ class FrameScanner:
 
     - GOAWAY frames are taken out and returned, for the caller to act on after the rest;
     - plain DATA frames (no flags: no END_STREAM, no padding) of one stream, `fast`, go to
-      `on_fast(payload)`: the data stream's bytes skip h2's per-frame objects and events;
+      `on_fast(payloads)`, a run of consecutive ones at a time: the data stream's bytes skip h2's
+      per-frame objects and events;
     - every other byte goes to `on_h2(bytes)`, in runs, in order with the DATA payloads.
 
     A frame header, a GOAWAY frame or a fast DATA frame not yet whole is held
     back until it is; any other frame is passed on as soon as its header was
     seen. A callback that returns True stops the walk: the connection is gone.
+    `fast` is read once per `feed`: a change made by a callback applies from
+    the next read (until then its frames go where they were sorted, in order).
     """
 
     __slots__ = ("skip", "held", "fast")
@@ -153,7 +169,8 @@ class FrameScanner:
             return ()
         self.skip = 0
         goaways = ()
-        start = 0          # the first byte not yet handed on
+        segments = []      # in order: bytes for h2, or a list of fast DATA payloads
+        start = 0          # the first byte not yet in a segment
         fast = self.fast
         while n - pos >= 9:
             end = pos + 9 + ((data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2])
@@ -162,12 +179,13 @@ class FrameScanner:
                     ((data[pos + 5] & 0x7F) << 24) | (data[pos + 6] << 16) | (data[pos + 7] << 8) | data[pos + 8]):
                 if end > n:
                     break
-                if start < pos and on_h2(data[start:pos]):
-                    return goaways
-                if on_fast(data[pos + 9:end]):
-                    return goaways
+                if start < pos:
+                    segments.append(data[start:pos])
+                if segments and segments[-1].__class__ is list:
+                    segments[-1].append(data[pos + 9:end])
+                else:
+                    segments.append([data[pos + 9:end]])
                 start = end
-                fast = self.fast   # a handler may have ended the stream
             elif kind == GOAWAY_TYPE:
                 if end > n:
                     break
@@ -175,8 +193,8 @@ class FrameScanner:
                 if not goaways:
                     goaways = []
                 goaways.append((last_id & 0x7FFFFFFF, code, bytes(data[pos + 17:end])))
-                if start < pos and on_h2(data[start:pos]):
-                    return goaways
+                if start < pos:
+                    segments.append(data[start:pos])
                 start = end
             elif end > n:
                 self.skip = end - n
@@ -186,7 +204,10 @@ class FrameScanner:
         if pos < n:
             self.held = data[pos:]
         if start < pos:
-            on_h2(data[start:pos] if start or pos < n else data)
+            segments.append(data[start:pos] if start or pos < n else data)
+        for segment in segments:
+            if on_fast(segment) if segment.__class__ is list else on_h2(segment):
+                break
         return goaways
 
 

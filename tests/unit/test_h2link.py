@@ -145,14 +145,14 @@ def test_frames_are_sorted_in_order_wherever_reads_cut_them():
         while pos < len(stream):
             step = rng.choice((1, 2, 8, 9, 10, 17, 100, 5000, 70000))
             goaways += scanner.feed(stream[pos:pos + step], lambda b: got.append(("h2", b)),
-                                    lambda b: got.append(("fast", b)))
+                                    lambda run: got.extend(("fast", b) for b in run))
             pos += step
         assert _merged(got) == _merged(expected)
         assert goaways == expected_goaways
     # With no fast stream, every DATA frame is h2's.
     scanner = FrameScanner()
     got = []
-    scanner.feed(stream, got.append, lambda b: pytest.fail("no fast stream"))
+    scanner.feed(stream, got.append, lambda run: pytest.fail("no fast stream"))
     assert b"".join(got) == b"".join(not_goaway)
 
 
@@ -162,12 +162,17 @@ def test_a_handler_that_returns_true_stops_the_walk():
     stream = b"".join(DataFrame(1, data=b"m%d" % i).serialize() for i in range(5))
     seen = []
 
-    def on_fast(payload):
-        seen.append(payload)
-        return payload == b"m2"   # the connection failed while handling it
+    def on_fast(run):
+        seen.append(run)
+        return True   # the connection failed while handling them
 
-    scanner.feed(stream, lambda b: pytest.fail("nothing for h2"), on_fast)
-    assert seen == [b"m0", b"m1", b"m2"]
+    def on_h2(data):
+        seen.append(data)
+        return True
+
+    stream = stream[:2 * len(stream) // 5] + PingFrame(0).serialize() + stream[2 * len(stream) // 5:]
+    scanner.feed(stream, on_h2, on_fast)
+    assert seen == [[b"m0", b"m1"]]   # the run before the PING; nothing after the stop
 
 
 def test_grpc_timeout_header_has_at_most_eight_digits():
