@@ -113,17 +113,8 @@ class _Call:
             elif name == b"grpc-message":
                 self.grpc_message = unquote_to_bytes(value).decode("utf-8", "replace")
 
-    def data(self, data):
-        try:
-            messages = self.reader.feed(data)
-        except FramingError as error:
-            self.conn.reset(self, ErrorCodes.CANCEL)
-            self.finish(f"INTERNAL: bad gRPC framing from the worker: {error}")
-            return
-        if messages:
-            self.messages(messages)
-
-    def data_frames(self, payloads):
+    def data(self, payloads):
+        """DATA frame payloads, in order: from h2 one at a time, from the fast path a run at a time."""
         try:
             messages = self.reader.feed_frames(payloads)
         except FramingError as error:
@@ -554,7 +545,7 @@ class _Connection:
         self.window_owed += sum(map(len, payloads))
         call = self.calls.get(self.scanner.fast)
         if call is not None:
-            call.data_frames(payloads)
+            call.data(payloads)
         return self.closed
 
     def _return_window(self):
@@ -591,7 +582,7 @@ class _Connection:
             if cls is DataReceived:
                 call = calls.get(event.stream_id)
                 if call is not None:
-                    call.data(event.data)
+                    call.data((event.data,))
             elif cls is h2.events.ResponseReceived or cls is h2.events.TrailersReceived:
                 call = calls.get(event.stream_id)
                 if call is not None:
