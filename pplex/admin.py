@@ -13,7 +13,7 @@ import bottle
 import voluptuous
 import waitress
 
-from pplex.config import describe_invalid, validate_upstream
+from pplex.config import describe_invalid, loads_json, validate_upstream
 from pplex.errors import DuplicateUpstream
 
 log = logging.getLogger("pplex.admin")
@@ -60,7 +60,7 @@ def _json_body():
     if not raw:
         raise HTTPError(400, "expected a JSON object as the request body")
     try:
-        body = json.loads(raw)
+        body = loads_json(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise HTTPError(400, f"request body is not valid JSON: {error}")
     if not isinstance(body, dict):

@@ -11,9 +11,9 @@ import tomllib
 
 import voluptuous as vol
 
+from pplex import limits
 from pplex.errors import ConfigError
 
-MiB = 1024 * 1024
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
 
 
@@ -41,46 +41,16 @@ def _port(low):
     return Port
 
 
-def _number(low, strict=False):
-    def Number(value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise vol.Invalid("expected a number")
-        if value < low or (strict and value == low):
-            raise vol.Invalid(f"must be {'greater than' if strict else 'at least'} {low}")
-        return value
-    return Number
-
-
-def _integer(low):
-    def Integer(value):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise vol.Invalid("expected an integer")
-        if value < low:
-            raise vol.Invalid(f"must be at least {low}")
-        return value
-    return Integer
-
-
 UPSTREAM = {
     vol.Required("host"): Host,
     vol.Required("port"): _port(1),
-    # seconds between live heartbeats; a missing answer ejects the worker
-    vol.Optional("alive_timeout", default=30): _number(0, strict=True),
-    # seconds a ready probe may take before the worker counts as not ready
-    vol.Optional("ready_timeout", default=5): _number(0, strict=True),
+    **limits.section_schema("upstream"),
 }
 
 SERVER = {
     vol.Optional("host", default="0.0.0.0"): Host,
     vol.Optional("port", default=7999): _port(0),  # 0: any free port (tests)
-    # seconds of client silence before pplex closes it; 0 keeps quiet clients forever
-    vol.Optional("idle_timeout", default=0): _number(0),
-    # seconds since a client's last bytes during which it counts as active (broadcasts)
-    vol.Optional("active_window", default=30): _number(0),
-    # bytes a client may have waiting while no worker is ready; past it, it is closed
-    vol.Optional("max_pending_bytes", default=1 * MiB): _integer(1),
-    # open client connections; pplex stops accepting at the limit, resumes below it
-    vol.Optional("max_connections", default=100_000): _integer(1),
+    **limits.section_schema("server"),
 }
 
 MANAGEMENT = {
@@ -174,14 +144,26 @@ def load_file(path):
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
     else:
         try:
-            raw = json.loads(data)
+            raw = loads_json(data)
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON: line {error.lineno} column {error.colno}: {error.msg}") from None
+        except ValueError as error:  # NaN / Infinity
+            raise ConfigError(f"{path}: not valid JSON: {error}") from None
         except UnicodeDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: (top level): expected an object")
     return raw
+
+
+def _reject_constant(name):
+    """JSON has no NaN or Infinity; Python's parser accepts them unless told not to."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_json(data):
+    """json.loads that refuses NaN, Infinity and -Infinity (raises ValueError)."""
+    return json.loads(data, parse_constant=_reject_constant)
 
 
 def parse_address(text, flag):

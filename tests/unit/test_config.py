@@ -28,7 +28,14 @@ def test_upstream_timeouts_default_and_dns_names_are_hosts():
     ({"server": {"port": True}}, "pplex.json: server.port: expected an integer port (got true)"),
     ({"server": {"host": "not a host!"}}, 'pplex.json: server.host: expected a host name or IP address (got "not a host!")'),
     ({"upstream": [{"host": "a", "port": 1, "alive_timeout": 0}]},
-     "pplex.json: upstream[0].alive_timeout: must be greater than 0 (got 0)"),
+     "pplex.json: upstream[0].alive_timeout: must be greater than 0 and at most 86400 (got 0)"),
+    ({"upstream": [{"host": "a", "port": 1, "alive_timeout": float("nan")}]},
+     "pplex.json: upstream[0].alive_timeout: must be a finite number (got NaN)"),
+    ({"upstream": [{"host": "a", "port": 1, "ready_timeout": float("inf")}]},
+     "pplex.json: upstream[0].ready_timeout: must be a finite number (got Infinity)"),
+    ({"server": {"idle_timeout": -float("inf")}},
+     "pplex.json: server.idle_timeout: must be a finite number (got -Infinity)"),
+    ({"server": {"max_connections": 1.5}}, "pplex.json: server.max_connections: expected an integer (got 1.5)"),
     ({"surprise": 1}, "pplex.json: surprise: unknown key (got 1)"),
     ({"plugins": "rr"}, 'pplex.json: plugins: expected a list of plugin names or an object of name -> settings (got "rr")'),
 ])
@@ -36,6 +43,25 @@ def test_errors_name_the_path(raw, message):
     with pytest.raises(ConfigError) as error:
         validate(raw, "pplex.json")
     assert str(error.value) == message
+
+
+@pytest.mark.parametrize("text", ['{"server": {"idle_timeout": NaN}}', '{"server": {"idle_timeout": Infinity}}',
+                                  '{"server": {"idle_timeout": -Infinity}}'])
+def test_json_non_finite_constants_are_refused_with_the_file_name(tmp_path, text):
+    path = tmp_path / "pplex.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"pplex.json: not valid JSON: .*Infinity|NaN"):
+        load_file(str(path))
+
+
+@pytest.mark.parametrize("text, message", [("nan", "must be a finite number (got NaN)"),
+                                           ("inf", "must be a finite number (got Infinity)")])
+def test_toml_non_finite_numbers_are_refused_with_the_path(tmp_path, text, message):
+    path = tmp_path / "config.toml"
+    path.write_text(f"[[upstream]]\nhost = \"a\"\nport = 1\nalive_timeout = {text}\n")
+    with pytest.raises(ConfigError) as error:
+        validate(load_file(str(path)), str(path))
+    assert str(error.value) == f"{path}: upstream[0].alive_timeout: {message}"
 
 
 def test_plugins_may_be_a_list_of_names():
