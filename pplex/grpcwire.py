@@ -44,33 +44,64 @@ def frame_message(body):
     return _pack_header(0, len(body)) + body
 
 
-# One message object, refilled for every message (all three fields each time):
-# setting fields costs less than building a message from keyword arguments.
-_request = upstream_pb2.InputStreamRequest()
+def _varint(value):
+    """Protocol Buffers base-128 varint of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [bytes((n,)) for n in range(128)]
+# Field keys of InputStreamRequest: (field number << 3) | wire type 2 (length-delimited).
+_TIME_KEY, _UUID_KEY, _PAYLOAD_KEY = b"\x0a", b"\x12", b"\x1a"
+
+
+def _length_prefix(key, size):
+    return key + (_SMALL_VARINTS[size] if size < 128 else _varint(size))
 
 
 def encode_batch(batch):
     """A flat batch [uuid, payload, time, ...] -> (wire bytes, end offset of each message).
 
-    Reactor thread only (it refills one shared message object)."""
-    request = _request
-    serialize = request.SerializeToString
+    Each message is an `InputStreamRequest{time=1, client_uuid=2, payload=3}`
+    encoded by hand (Protocol Buffers wire format: for each field a key byte,
+    a varint length, the bytes; fields in number order, as protobuf's own
+    serializer writes them) and framed for gRPC. By hand because it is the
+    per-message path, and because refilling one upb message object instead
+    keeps every old field value in the message's arena until it dies.
+    """
     parts = []
     ends = []
     pos = 0
     append = parts.append
+    stamp = None
+    time_field = b""
     for i in range(0, len(batch), 3):
         payload = batch[i + 1]
-        if payload.__class__ is bytearray:  # raw bytes merged by the proxy
-            payload = bytes(payload)
-        request.client_uuid = batch[i]
-        request.payload = payload
-        request.time = batch[i + 2]
-        body = serialize()
-        size = len(body)
-        append(_pack_header(0, size))
-        append(body)
-        pos += 5 + size
+        when = batch[i + 2]
+        if when is not stamp:  # one stamp per reactor pass: encode it once
+            stamp = when
+            raw = when.encode()
+            time_field = _length_prefix(_TIME_KEY, len(raw)) + raw if raw else b""
+        uuid = batch[i].encode()
+        size = len(payload)
+        head = _length_prefix(_PAYLOAD_KEY, size) if size else b""
+        body = len(time_field) + len(uuid) + 2 + len(head) + size if len(uuid) < 128 else None
+        if body is None:  # not one of pplex's UUIDs: the general form
+            uuid_field = _length_prefix(_UUID_KEY, len(uuid)) + uuid
+            body = len(time_field) + len(uuid_field) + len(head) + size
+        else:
+            uuid_field = _UUID_KEY + _SMALL_VARINTS[len(uuid)] + uuid
+        append(_pack_header(0, body))
+        append(time_field)
+        append(uuid_field)
+        if size:
+            append(head)
+            append(payload)
+        pos += 5 + body
         ends.append(pos)
     return b"".join(parts), ends
 
