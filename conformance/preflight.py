@@ -145,6 +145,8 @@ def run(ctx):
     caller.start()
     started = time.time()
     pplex = ctx.pplex([instance.port], alive_timeout=PROBE_ALIVE)
+    # Marked before it enters: a worker ejected within a millisecond of entering must not be missed.
+    mark = pplex.mark()
     entered = pplex.wait_event("u1", "ready", timeout=ROTATION_WAIT)
     caller.join(READY_TIMEOUT + 5)
     profile.ready_call = dict(answer) or None
@@ -158,7 +160,6 @@ def run(ctx):
     profile.ready_ok = True
     profile.rotation_seconds = max(0.0, entered.wall - started)
 
-    mark = pplex.mark()
     profile.heartbeats, left, _ = watch_heartbeats(pplex, "u1", IDLE_WATCH, mark)
     if left is not None:
         profile.idle_ok, profile.idle_detail = False, left.detail

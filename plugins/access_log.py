@@ -7,7 +7,7 @@ strings:
 
     open uuid=... remote=127.0.0.1:50312
     auth uuid=...
-    close uuid=... remote=127.0.0.1:50312 duration=12.345s bytes_in=80 bytes_out=120 reason="client closed"
+    close uuid=... remote=127.0.0.1:50312 duration=12.345s bytes_in=80 bytes_out=120 reason="client_closed"
     upstream added id=u1 address=127.0.0.1:50051
     upstream ready id=u1 address=127.0.0.1:50051
     upstream lost id=u1 address=127.0.0.1:50051 reason="data stream closed: ..."

@@ -100,7 +100,7 @@ def pplex_connection_opened(conn):
 def _deadline(conn):
     _timers.pop(conn, None)
     if not conn.closed and not conn.authenticated:
-        _state["context"].proxy.close(conn, f"no token within {_state['timeout']:g} s")
+        _state["context"].proxy.close(conn, "auth_failed", f"no token within {_state['timeout']:g} s")
 
 
 def _disarm(conn):

@@ -3,24 +3,44 @@
 Owns the routes, their JSON in and out, request validation (voluptuous) and
 the bearer-token rule. It never touches proxy state from its own threads:
 every read or change runs on the reactor thread through `Control.call`.
+
+Every answer is JSON, errors included, whatever the request's bytes: a bad
+request gets a 4xx naming what is wrong (Waitress's own refusals, such as a
+body above `management_server.max_body_bytes` or a malformed request line,
+are rewritten as JSON too); a handler that raises is a fault boundary (the
+error is counted and logged, the answer is a JSON 500 with no traceback).
+Waitress runs with poll(), not select(), so descriptors above 1023 (a proxy
+with thousands of clients) are fine, and it pauses accepting when the
+process is out of file descriptors instead of spinning.
 """
+import errno
 import hmac
+import itertools
 import json
 import logging
 import threading
+import time
 
 import bottle
 import voluptuous
-import waitress
+import waitress.adjustments
+import waitress.channel
+import waitress.server
+import waitress.task
 
 from pplex.config import describe_invalid, loads_json, validate_upstream
 from pplex.errors import DuplicateUpstream
+from pplex.logs import FAULTS, RateLimited
 
 log = logging.getLogger("pplex.admin")
 
 CALL_TIMEOUT_SECONDS = 5.0
 MAX_PAGE = 1000
 OPEN_ROUTES = {"/healthz"}
+MAX_HEADER_BYTES = 64 * 1024
+# Out of file descriptors: the admin listener pauses this long before accepting again.
+ACCEPT_RETRY_SECONDS = 0.25
+_limited = RateLimited()
 
 
 class Control:
@@ -81,7 +101,7 @@ def _int_param(name, default, low, high):
     return value
 
 
-def build_app(app_state, token=None, metrics=None):
+def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
     """The Bottle app. `app_state` is the running `pplex.app.App` (proxy, control, plugins)."""
     app = bottle.Bottle(catchall=False)
     proxy = app_state.proxy
@@ -92,15 +112,28 @@ def build_app(app_state, token=None, metrics=None):
             def wrapped(**kwargs):
                 try:
                     _check_token(path)
+                    _check_body_size()
                     result = handler(**kwargs)
                 except HTTPError as error:
                     return _respond(error.status, error.body)
+                except Exception:
+                    # The fault boundary of an admin handler: counted, logged, a JSON 500.
+                    FAULTS.report("admin handler", "%s %s", bottle.request.method, bottle.request.path,
+                                  logger=log)
+                    return _respond(500, {"error": "internal error; see the pplex log"})
                 if isinstance(result, bottle.HTTPResponse):
                     return result
                 return _respond(status, result)
             app.route(path, method, wrapped)
             return handler
         return register
+
+    def _check_body_size():
+        # Waitress refuses larger bodies before the app runs; this covers what it cannot see.
+        length = bottle.request.content_length
+        if length > max_body_bytes:
+            raise HTTPError(413, f"request body of {length} bytes is above management_server.max_body_bytes "
+                                 f"({max_body_bytes})")
 
     def _check_token(path):
         if token is None or path in OPEN_ROUTES:
@@ -116,7 +149,9 @@ def build_app(app_state, token=None, metrics=None):
 
     @route("/readyz")
     def readyz():
-        ready = control.call(lambda: len(proxy.ready))
+        ready, shutting_down = control.call(lambda: (len(proxy.ready), proxy.shutting_down))
+        if shutting_down:
+            raise HTTPError(503, "shutting down: not accepting clients", ready_upstreams=ready)
         if not ready:
             raise HTTPError(503, "no upstream worker is ready", ready_upstreams=0)
         return {"status": "ready", "ready_upstreams": ready}
@@ -124,13 +159,12 @@ def build_app(app_state, token=None, metrics=None):
     def add_upstream():
         body = _json_body()
         try:
-            spec = validate_upstream(body)
-        except voluptuous.MultipleInvalid as error:
-            first = error.errors[0]
+            spec = validate_upstream(body, proxy.config["server"])
+        except voluptuous.Invalid as error:
+            first = error.errors[0] if isinstance(error, voluptuous.MultipleInvalid) else error
             raise HTTPError(422, describe_invalid(first), field=".".join(str(p) for p in first.path))
         try:
-            upstream = control.call(proxy.upstreams.add, spec["host"], spec["port"],
-                                    spec["alive_timeout"], spec["ready_timeout"])
+            upstream = control.call(proxy.upstreams.add, spec)
         except DuplicateUpstream as error:
             raise HTTPError(409, str(error))
         return control.call(upstream.as_dict)
@@ -165,7 +199,7 @@ def build_app(app_state, token=None, metrics=None):
 
         def page():
             now = proxy.reactor.clock()
-            conns = list(proxy.conns.values())[offset:offset + limit]
+            conns = itertools.islice(proxy.conns.values(), offset, offset + limit)
             return {"count": len(proxy.conns), "offset": offset, "limit": limit,
                     "connections": [proxy.connection_info(c, now) for c in conns]}
         return control.call(page)
@@ -176,7 +210,7 @@ def build_app(app_state, token=None, metrics=None):
             conn = proxy.conns.get(uuid)
             if conn is None:
                 return False
-            proxy.close(conn, "closed through the admin API")
+            proxy.close(conn, "closed_by_admin", "closed through the admin API")
             return True
         if not control.call(close):
             raise HTTPError(404, f"no connection {uuid}")
@@ -188,7 +222,9 @@ def build_app(app_state, token=None, metrics=None):
 
     @route("/stats")
     def stats():
-        return control.call(lambda: proxy.stats.snapshot(proxy.conns.values()))
+        return control.call(lambda: proxy.stats.snapshot(
+            proxy.conns.values(), {"errors": FAULTS.snapshot(), "unread_bytes": proxy.client_output_bytes,
+                                   "replies_paused": proxy.replies_paused}))
 
     @route("/metrics")
     def metrics_text():
@@ -204,8 +240,8 @@ def build_app(app_state, token=None, metrics=None):
         message = messages.get(status) or (error.body if isinstance(error.body, str) and error.body
                                            else bottle.HTTP_CODES.get(status, "error"))
         if status >= 500:
-            log.error("admin request %s %s failed: %s", bottle.request.method, bottle.request.path,
-                      error.exception or message)
+            FAULTS.report("admin handler", "%s %s: %s", bottle.request.method, bottle.request.path,
+                          error.exception or message, logger=log)
             message = "internal error; see the pplex log"
         bottle.response.content_type = "application/json"
         return json.dumps({"error": message})
@@ -220,13 +256,73 @@ def _respond(status, body):
                                headers={"Content-Type": "application/json"})
 
 
+class _JsonErrorTask(waitress.task.ErrorTask):
+    """Waitress's own refusals (bad request line, headers or body too large) as JSON."""
+
+    def execute(self):
+        error = self.request.error
+        body = json.dumps({"error": f"{error.reason}: {error.body}" if error.body else error.reason}).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _Channel(waitress.channel.HTTPChannel):
+    error_task_class = _JsonErrorTask
+
+
+class _Server(waitress.server.TcpWSGIServer):
+    """Waitress's TCP server, pausing its accepts when the process is out of file descriptors.
+
+    Waitress logs a traceback and tries again at once: with the listener still
+    readable, that is a busy loop writing thousands of lines a second.
+    """
+
+    channel_class = _Channel
+    paused_until = 0.0
+
+    def readable(self):
+        if self.paused_until and time.monotonic() < self.paused_until:
+            return False
+        return super().readable()
+
+    def handle_accept(self):
+        try:
+            pair = self.accept()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.paused_until = time.monotonic() + ACCEPT_RETRY_SECONDS
+                _limited.warning(log, "admin accept", "admin API cannot accept: %s; retrying every %.2f s",
+                                 error.strerror or error, ACCEPT_RETRY_SECONDS)
+                return
+            return  # a connection reset before it was accepted: nothing to do
+        self.paused_until = 0.0
+        if pair is None:
+            return
+        conn, addr = pair
+        try:
+            self.set_socket_options(conn)
+        except OSError:
+            conn.close()
+            return
+        self.channel_class(self, conn, self.fix_addr(addr), self.adj, map=self._map)
+
+
 class AdminServer:
     """Waitress serving the admin app on its own threads."""
 
-    def __init__(self, app, host, port, threads=4):
+    def __init__(self, app, host, port, threads=4, max_body_bytes=64 * 1024):
+        adjustments = waitress.adjustments.Adjustments(
+            host=host, port=port, threads=threads, ident="pplex", clear_untrusted_proxy_headers=True,
+            asyncore_use_poll=True, max_request_body_size=max_body_bytes,
+            max_request_header_size=MAX_HEADER_BYTES, log_socket_errors=False)
+        dispatcher = waitress.server.ThreadedTaskDispatcher()
+        dispatcher.set_thread_count(adjustments.threads)
         try:
-            self.server = waitress.create_server(app, host=host, port=port, threads=threads,
-                                                 ident="pplex", clear_untrusted_proxy_headers=True)
+            self.server = _Server(app, map={}, dispatcher=dispatcher, adj=adjustments,
+                                  sockinfo=adjustments.listen[0])
         except OSError as error:
             raise OSError(error.errno, f"admin API cannot listen on {host}:{port}: {error.strerror}") from None
         self.address = (host, self.server.effective_port)
@@ -244,3 +340,4 @@ class AdminServer:
 
     def close(self):
         self.server.close()
+        self.server.task_dispatcher.shutdown(timeout=1)

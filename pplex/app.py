@@ -10,6 +10,7 @@ import resource
 
 from pplex.admin import AdminServer, Control, build_app
 from pplex.bridge import GrpcTransport
+from pplex.config import ADMIN_LOG_LEVELS
 from pplex.connection import format_peer
 from pplex.h2link import H2Transport
 from pplex.manager import Context, PluginSet
@@ -55,15 +56,25 @@ class App:
         server = self.config["server"]
         self.listen_address = self.proxy.listen(server["host"], server["port"])
         management = self.config["management_server"]
-        app = build_app(self, token=self.admin_token, metrics=metrics_exporter(self))
-        self.admin = AdminServer(app, management["host"], management["port"])
+        if "log_level" in management:
+            level = ADMIN_LOG_LEVELS[management["log_level"]]
+            for name in ("pplex.admin", "waitress"):
+                logging.getLogger(name).setLevel(level)
+        if "tls" in management:
+            log.warning("management_server.tls: the admin API does not serve TLS; it answers plain HTTP on "
+                        "%s:%s: keep it on loopback, or put a TLS terminator in front of it",
+                        management["host"], management["port"])
+        app = build_app(self, token=self.admin_token, metrics=metrics_exporter(self),
+                        max_body_bytes=management["max_body_bytes"])
+        self.admin = AdminServer(app, management["host"], management["port"], threads=management["threads"],
+                                 max_body_bytes=management["max_body_bytes"])
         self.admin_address = self.admin.start()
         if self.admin_token is None and management["host"] not in ("127.0.0.1", "::1", "localhost"):
             log.warning("the admin API listens on %s with no token: anyone who reaches it can "
                         "change upstreams; set management_server.token or PPLEX_ADMIN_TOKEN",
                         management["host"])
         for spec in self.config["upstream"]:
-            self.proxy.upstreams.add(spec["host"], spec["port"], spec["alive_timeout"], spec["ready_timeout"])
+            self.proxy.upstreams.add(spec)
         if not self.config["upstream"]:
             log.warning("no upstream configured: clients' messages wait until one is added "
                         "(POST /upstream/add on the admin API)")
@@ -77,8 +88,14 @@ class App:
         self.reactor.run()
 
     def stop(self):
-        """Ask the loop to end; safe from any thread or a signal handler."""
+        """Ask the loop to end now; safe from any thread or a signal handler."""
         self.reactor.stop()
+
+    def begin_shutdown(self):
+        """The graceful stop (SIGTERM): stop accepting, /readyz 503, close clients spread over
+        server.shutdown_spread without losing what is in flight, then end the loop.
+        Safe from any thread or a signal handler."""
+        self.reactor.call_soon_threadsafe(self.proxy.begin_shutdown, self.stop)
 
     def close(self):
         self.proxy.shutdown()

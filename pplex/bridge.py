@@ -2,12 +2,21 @@
 
 Owns everything grpcio: channels, the data stream fed from a batch slot, the
 reader that turns worker messages into events, the ready probe and the live
-heartbeat stream. grpcio's threads do the I/O; every event reaches the core
+heartbeat stream. grpcio's threads do the I/O; events reach the core only
 through `Reactor.call_soon_threadsafe`, so the reactor never blocks on gRPC.
 
-Hand-offs are per batch, not per message: the reactor offers a whole batch
-(one lock, one notify), and the request generator turns it into messages on
-grpcio's thread.
+Hand-offs are per batch, both ways: the reactor offers a whole batch (one
+lock, one notify), and the request generator turns it into messages on
+grpcio's thread; the reader thread puts worker messages in an inbox and wakes
+the reactor once per burst, and the reactor takes the whole inbox at once.
+The inbox is bounded: when it is full, or while the core paused replies
+(clients are behind), the reader stops reading, so grpcio's HTTP/2 flow
+control pushes back on the worker instead of memory growing here.
+
+A worker that stops gracefully (grpcio's and grpc-go's `stop(grace)`: HTTP/2
+GOAWAY, open streams served until the grace ends) moves the channel to IDLE
+while the data stream still works; that is reported as `on_goaway`. A crash
+also ends in IDLE, but its stream fails at once, which is reported first.
 """
 import concurrent.futures
 import logging
@@ -17,24 +26,32 @@ import time
 import grpc
 from google.protobuf import empty_pb2
 
+from pplex import limits
 from pplex._proto import upstream_pb2, upstream_pb2_grpc
+from pplex.logs import FAULTS
 from pplex.transport import Link, Transport
 
 log = logging.getLogger("pplex.bridge")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    # grpc's own reconnect backoff grows to 120 s by default; pplex runs its
-    # own retry cycle, so the channel must try again when pplex asks.
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # A removed and re-added worker must get a fresh connection, not a shared one.
-    ("grpc.use_local_subchannel_pool", 1),
-]
+# Worker messages waiting for the reactor above which the reader stops reading the stream.
+INBOX_LIMIT = 10_000
+# After the channel goes IDLE, the data stream must still be open this much later to be a GOAWAY.
+GOAWAY_CHECK_SECONDS = 0.1
 _EMPTY = empty_pb2.Empty()
+
+
+def channel_options(max_message_bytes):
+    return [
+        # grpc's own reconnect backoff grows to 120 s by default; pplex runs its
+        # own retry cycle, so the channel must try again when pplex asks.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # A removed and re-added worker must get a fresh connection, not a shared one.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
 
 
 def grpc_target(host, port):
@@ -57,27 +74,34 @@ class GrpcTransport(Transport):
             max_workers=max_threads, thread_name_prefix="pplex-bridge")
 
     def connect(self, upstream, events):
-        return GrpcLink(self, upstream.host, upstream.port, events)
+        return GrpcLink(self, upstream.host, upstream.port, events, upstream.max_message_bytes)
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class GrpcLink(Link):
-    def __init__(self, transport, host, port, events):
+    def __init__(self, transport, host, port, events, max_message_bytes=limits.MAX_MESSAGE_BYTES.default):
         self.target = grpc_target(host, port)
         self.events = events
         self.closed = False
         self._pool = transport.pool
+        self._reactor = transport.reactor
         self._post = transport.reactor.call_soon_threadsafe
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(self.target, options=channel_options(max_message_bytes))
+        self._channel.subscribe(self._connectivity)
         self._stub = upstream_pb2_grpc.UpstreamPeerServiceStub(self._channel)
         self._stream = None   # the current _StreamState
         self._live = None
         self._live_stop = None
+        self._replies_paused = False
         # Latest round trips in seconds, for metrics (plain floats: read from any thread).
         self.ready_seconds = None
         self.live_seconds = None
+
+    def _emit(self, handler, *args):
+        if not self.closed:
+            handler(self, *args)
 
     # -- readiness -----------------------------------------------------------
     def probe_ready(self, timeout):
@@ -94,13 +118,9 @@ class GrpcLink(Link):
             ok, detail = False, describe_rpc_error(error)
         self._post(self._emit, self.events.on_ready, ok, detail)
 
-    def _emit(self, handler, *args):
-        if not self.closed:
-            handler(self, *args)
-
     # -- data stream ---------------------------------------------------------
     def open_stream(self):
-        state = _StreamState()
+        state = _StreamState(self.keep_unconfirmed, self._replies_paused)
         state.call = self._stub.bidirectionalStreaming(self._requests(state))
         self._stream = state
         self._pool.submit(self._read, state)
@@ -110,11 +130,11 @@ class GrpcLink(Link):
         if state is None:
             return False
         with state.cond:
-            if state.done or state.next is not None:
+            if state.done or state.closing or state.next is not None:
                 state.want_drain = True
                 return False
             state.next = batch
-            state.cond.notify()
+            state.cond.notify_all()
             return True
 
     def _requests(self, state):
@@ -123,9 +143,9 @@ class GrpcLink(Link):
         cond = state.cond
         while True:
             with cond:
-                while state.next is None and not state.done:
+                while state.next is None and not state.done and not state.closing:
                     cond.wait()
-                if state.done:
+                if state.done or state.next is None:  # stopped, or half-closed with nothing left
                     return
                 batch, state.next = state.next, None
                 state.current, state.claimed = batch, 0
@@ -147,31 +167,79 @@ class GrpcLink(Link):
                     payload = bytes(payload)
                 yield make(client_uuid=batch[i], payload=payload, time=batch[i + 2])
             with cond:
+                if state.kept is not None:
+                    state.keep(batch)
                 state.current = None
 
     def _read(self, state):
-        post, emit, events = self._post, self._emit, self.events
+        """The reader thread: worker messages into the inbox, one reactor wake-up per burst."""
+        cond = state.cond
         try:
             for out in state.call:
-                # Streams keep order: what was written before this answer was read by the worker.
-                state.written_at_answer = state.written
-                which = out.WhichOneof("target")
-                if which == "client_uuid":
-                    post(emit, events.on_reply, out.client_uuid, out.payload)
-                elif which == "broadcast":
-                    post(emit, events.on_broadcast, out.broadcast, out.payload)
-                else:
-                    post(emit, events.on_bad_message, "message with no target")
+                with cond:
+                    # Streams keep order: what was written before this answer was read by the worker.
+                    state.answered()
+                    while (state.paused or len(state.inbox) >= INBOX_LIMIT) and not state.done:
+                        cond.wait()
+                    if state.done:
+                        break
+                    state.inbox.append(out)
+                    wake = not state.wake_posted
+                    state.wake_posted = True
+                if wake:
+                    self._post(self._deliver, state)
             detail = "worker ended the data stream"
         except Exception as error:
             detail = describe_rpc_error(error)
-        with state.cond:
+        with cond:
             state.done = True
-            state.cond.notify_all()
+            state.reader_done = True
+            cond.notify_all()
         if self._stream is state:
-            post(emit, events.on_stream_closed, detail)
+            self._post(self._deliver, state, detail)
 
-    def unanswered(self):
+    def _deliver(self, state, ended=None):
+        """Reactor thread: hand the inbox's messages to the core, then the stream's end if it came."""
+        with state.cond:
+            inbox, state.inbox = state.inbox, []
+            state.wake_posted = False
+            state.cond.notify_all()
+        if self.closed or self._stream is not state:
+            return
+        events = self.events
+        for out in inbox:
+            try:
+                which = out.WhichOneof("target")
+                if which == "client_uuid":
+                    events.on_reply(self, out.client_uuid, out.payload)
+                elif which == "broadcast":
+                    events.on_broadcast(self, out.broadcast, out.payload)
+                else:
+                    events.on_bad_message(self, "message with no target")
+            except Exception:
+                FAULTS.report("link event", "a message from upstream %s", self.target, logger=log)
+            if self._stream is not state:  # a handler stopped the stream
+                return
+        if ended is not None:
+            events.on_stream_closed(self, ended)
+
+    def _connectivity(self, connectivity):
+        """grpcio's thread: the channel's state changed. IDLE under an open stream may be a GOAWAY."""
+        if connectivity is grpc.ChannelConnectivity.IDLE and self._stream is not None:
+            self._post(self._idle_seen, self._stream)
+
+    def _idle_seen(self, state):
+        self._reactor.call_later(GOAWAY_CHECK_SECONDS, self._goaway_check, state)
+
+    def _goaway_check(self, state):
+        if self._stream is state and not state.done and not self.closed:
+            self.events.on_goaway(self, "GOAWAY (the worker is stopping gracefully)")
+
+    def progress(self):
+        state = self._stream
+        return state.written if state is not None else 0
+
+    def backlog(self):
         state = self._stream
         if state is None:
             return 0
@@ -179,24 +247,56 @@ class GrpcLink(Link):
             waiting = len(state.next) // 3 if state.next is not None else 0
             if state.current is not None:
                 waiting += (len(state.current) - state.claimed) // 3
-        return waiting + state.written - state.written_at_answer
+        return waiting
+
+    def unanswered(self):
+        state = self._stream
+        if state is None:
+            return 0
+        return self.backlog() + state.written - state.written_at_answer
+
+    def close_send(self):
+        state = self._stream
+        if state is not None:
+            with state.cond:
+                state.closing = True
+                state.cond.notify_all()
+
+    def pause_replies(self):
+        self._replies_paused = True
+        self._set_paused(True)
+
+    def resume_replies(self):
+        self._replies_paused = False
+        self._set_paused(False)
+
+    def _set_paused(self, paused):
+        state = self._stream
+        if state is not None:
+            with state.cond:
+                state.paused = paused
+                state.cond.notify_all()
 
     def stop_stream(self):
         state, self._stream = self._stream, None
         if state is None:
-            return [], 0
+            return [], 0, []
         with state.cond:
             state.done = True
             state.cond.notify_all()
             unsent = []
+            resend = state.take_kept()
             if state.current is not None:
+                if state.kept is not None:
+                    resend.extend(state.current[state.confirmed:state.claimed])
                 unsent.extend(state.current[state.claimed:])
                 state.current = None
             if state.next is not None:
                 unsent.extend(state.next)
                 state.next = None
+            unconfirmed = max(0, state.written - state.written_at_answer - len(resend) // 3)
         state.call.cancel()
-        return unsent, max(0, state.written - state.written_at_answer)
+        return unsent, unconfirmed, resend
 
     # -- liveness ------------------------------------------------------------
     def start_live(self, interval):
@@ -236,16 +336,25 @@ class GrpcLink(Link):
         self.closed = True
         self.stop_live()
         self.stop_stream()
+        try:
+            self._channel.unsubscribe(self._connectivity)
+        except ValueError:
+            pass
         self._channel.close()
 
 
 class _StreamState:
-    """One data stream's hand-off slot; a reopened stream gets a fresh one."""
+    """One data stream's hand-off slots (both ways); a reopened stream gets a fresh one.
 
-    __slots__ = ("cond", "call", "next", "want_drain", "current", "claimed", "done",
-                 "written", "written_at_answer")
+    Every field is read and written under `cond`, but `written`, which only the
+    request generator changes and the others only read.
+    """
 
-    def __init__(self):
+    __slots__ = ("cond", "call", "next", "want_drain", "current", "claimed", "done", "closing",
+                 "written", "written_at_answer", "confirmed", "kept", "kept_bytes",
+                 "inbox", "wake_posted", "paused", "reader_done")
+
+    def __init__(self, keep_unconfirmed, paused):
         self.cond = threading.Condition()
         self.call = None
         self.next = None          # the batch offered, not yet taken by the writer
@@ -253,5 +362,39 @@ class _StreamState:
         self.current = None       # the batch being written
         self.claimed = 0          # items of current claimed by the writer
         self.done = False
+        self.closing = False      # close_send: end the request stream once nothing is left
         self.written = 0          # messages handed to grpcio
         self.written_at_answer = 0  # `written` when the worker's latest message arrived
+        self.confirmed = 0        # items of current written before the worker's latest message
+        self.kept = [] if keep_unconfirmed else None   # written, unconfirmed batches (redeliver)
+        self.kept_bytes = 0
+        self.inbox = []           # worker messages for the reactor
+        self.wake_posted = False
+        self.paused = paused
+        self.reader_done = False
+
+    def answered(self):
+        self.written_at_answer = self.written
+        self.confirmed = self.claimed if self.current is not None else 0
+        if self.kept:
+            self.kept = []
+            self.kept_bytes = 0
+
+    def keep(self, batch):
+        rest = batch[self.confirmed:]
+        self.confirmed = 0
+        if not rest:
+            return
+        self.kept.append(rest)
+        self.kept_bytes += sum(len(p) for p in rest[1::3])
+        while self.kept_bytes > limits.REDELIVER_KEEP_BYTES and len(self.kept) > 1:
+            dropped = self.kept.pop(0)
+            self.kept_bytes -= sum(len(p) for p in dropped[1::3])
+
+    def take_kept(self):
+        resend = []
+        if self.kept:
+            for batch in self.kept:
+                resend += batch
+            self.kept = []
+        return resend

@@ -15,7 +15,7 @@ import signal
 import sys
 
 from pplex import __version__
-from pplex.config import load_file, parse_address, validate
+from pplex.config import load_file, parse_address, validate, validate_upstream
 from pplex.errors import ConfigError
 
 log = logging.getLogger("pplex")
@@ -37,7 +37,8 @@ def build_parser():
     parser.add_argument("--plugins", metavar="NAME,...", help="plugins to enable, by short name")
     parser.add_argument("--transport", choices=("grpcio", "h2"),
                         help="gRPC client for workers: grpcio (default) or h2 (in the reactor thread)")
-    parser.add_argument("--log-level", default="info", type=str.lower, choices=LOG_LEVELS)
+    parser.add_argument("--log-level", default=None, type=str.lower, choices=LOG_LEVELS,
+                        help="debug, info (default), warning or error; wins over the config's log_level")
     parser.add_argument("--version", action="version", version=f"pplex {__version__}")
     return parser
 
@@ -68,10 +69,12 @@ def load_config(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=(args.log_level or "info").upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args)
+        if args.log_level is None and config.get("log_level"):
+            logging.getLogger().setLevel(config["log_level"].upper())
         if args.command == "plugins":
             return list_plugins(config)
         token = config["management_server"].get("token") or os.environ.get("PPLEX_ADMIN_TOKEN") or None
@@ -94,8 +97,7 @@ def main(argv=None):
         host, port = app.listen_address
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         print(f"demo: echo worker on 127.0.0.1:{demo_worker.port}; try: nc {shown} {port}", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: app.stop())
+    install_signal_handlers(app)
     try:
         app.run()
     finally:
@@ -106,11 +108,26 @@ def main(argv=None):
     return 0
 
 
+def install_signal_handlers(app):
+    """SIGTERM or SIGINT: a graceful stop (see `App.begin_shutdown`); a second one stops at once."""
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        if len(received) == 1:
+            log.info("%s: stopping gracefully (send it again to stop at once)", signal.Signals(signum).name)
+            app.begin_shutdown()
+        else:
+            app.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+
 def start_demo_worker(config):
     from pplex.worker import EchoWorker
     worker = EchoWorker().serve(port=0, host="127.0.0.1")
-    config["upstream"] = [{"host": "127.0.0.1", "port": worker.port, "alive_timeout": 30, "ready_timeout": 5},
-                          *config["upstream"]]
+    config["upstream"] = [validate_upstream({"host": "127.0.0.1", "port": worker.port}), *config["upstream"]]
     return worker
 
 

@@ -47,17 +47,56 @@ UPSTREAM = {
     **limits.section_schema("upstream"),
 }
 
+def Flag(value):
+    """true or false."""
+    if not isinstance(value, bool):
+        raise vol.Invalid("expected true or false")
+    return value
+
+
 SERVER = {
     vol.Optional("host", default="0.0.0.0"): Host,
     vol.Optional("port", default=7999): _port(0),  # 0: any free port (tests)
+    # re-send what was written to a stream that broke after the worker's last message
+    # (at-least-once: a worker may see a message twice); false: count it (at-most-once)
+    vol.Optional("redeliver_unconfirmed", default=False): Flag,
     **limits.section_schema("server"),
 }
+
+# The original proxy's admin log levels (Rocket's) and the usual names, as Python logging levels.
+ADMIN_LOG_LEVELS = {"off": 100, "critical": 50, "normal": 20, "debug": 10,
+                    "error": 40, "warning": 30, "warn": 30, "info": 20}
+
+
+def AdminLogLevel(value):
+    """off, critical, normal or debug (the original proxy's words), or error, warning, info."""
+    if not isinstance(value, str) or value.lower() not in ADMIN_LOG_LEVELS:
+        raise vol.Invalid(f"expected one of {', '.join(ADMIN_LOG_LEVELS)}")
+    return value.lower()
+
+
+def TlsFiles(value):
+    """The original proxy's admin TLS table: cert_path and key_path, files that exist."""
+    if not isinstance(value, dict):
+        raise vol.Invalid("expected a table with cert_path and key_path")
+    checked = vol.Schema({vol.Required("cert_path"): str, vol.Required("key_path"): str})(value)
+    for key in ("cert_path", "key_path"):
+        try:
+            with open(checked[key], "rb"):
+                pass
+        except OSError as error:
+            raise vol.Invalid(f"cannot read {checked[key]}: {error.strerror or error}", path=[key]) from None
+    return checked
 
 MANAGEMENT = {
     vol.Optional("host", default="127.0.0.1"): Host,
     vol.Optional("port", default=8000): _port(0),
     # bearer token for every admin route but /healthz; also PPLEX_ADMIN_TOKEN
     vol.Optional("token"): vol.All(str, vol.Length(min=1)),
+    # the original proxy's keys: the admin API's log level, and its TLS certificate
+    vol.Optional("log_level"): AdminLogLevel,
+    vol.Optional("tls"): TlsFiles,
+    **limits.section_schema("management_server"),
 }
 
 
@@ -76,6 +115,8 @@ def _plugins(value):
 
 
 SCHEMA = vol.Schema({
+    # pplex's own log level (debug, info, warning, error); --log-level wins over it
+    vol.Optional("log_level"): vol.All(str, vol.Lower, vol.In(("debug", "info", "warning", "error"))),
     vol.Optional("server", default={}): SERVER,
     vol.Optional("upstream", default=[]): [UPSTREAM],
     vol.Optional("management_server", default={}): MANAGEMENT,
@@ -106,16 +147,51 @@ def describe_invalid(error, prefix=()):
 
 def validate(raw, source="config"):
     """Validate a raw dict; raise ConfigError naming the first bad value's path."""
+    if isinstance(raw, dict) and "management_server_tls" in raw:
+        # One version of the original proxy spells the admin TLS table at the top level.
+        raw = dict(raw)
+        management = dict(raw.get("management_server") or {})
+        if "tls" in management:
+            raise ConfigError(f"{source}: management_server_tls: given twice (also as management_server.tls)")
+        management["tls"] = raw.pop("management_server_tls")
+        raw["management_server"] = management
     try:
-        return SCHEMA(raw)
+        config = SCHEMA(raw)
     except vol.MultipleInvalid as error:
         first = sorted(error.errors, key=lambda e: [str(p) for p in e.path])[0]
         raise ConfigError(f"{source}: {describe_invalid(first)}{_got(raw, first.path)}") from None
+    _check_together(config, source)
+    return config
 
 
-def validate_upstream(raw):
-    """Validate one upstream definition (admin API); raise vol.MultipleInvalid."""
-    return UPSTREAM_SCHEMA(raw)
+def _check_together(config, source):
+    """Rules between settings; each error names the path of the value to change."""
+    server = config["server"]
+    if server["client_buffer_low"] > server["client_buffer_high"]:
+        raise ConfigError(f"{source}: server.client_buffer_low: must not be above server.client_buffer_high "
+                          f"({server['client_buffer_high']}) (got {server['client_buffer_low']})")
+    for index, upstream in enumerate(config["upstream"]):
+        if upstream["max_message_bytes"] > server["client_buffer_limit"]:
+            raise ConfigError(
+                f"{source}: upstream[{index}].max_message_bytes: must not be above server.client_buffer_limit "
+                f"({server['client_buffer_limit']}): a reply that large could never be written "
+                f"(got {upstream['max_message_bytes']})")
+        if upstream["ejection_time"] > upstream["max_ejection_time"]:
+            raise ConfigError(f"{source}: upstream[{index}].ejection_time: must not be above max_ejection_time "
+                              f"({upstream['max_ejection_time']:g}) (got {upstream['ejection_time']:g})")
+
+
+def validate_upstream(raw, server=None):
+    """Validate one upstream definition (admin API) against the schema and the running server
+    settings; raise vol.MultipleInvalid or vol.Invalid naming the field."""
+    spec = UPSTREAM_SCHEMA(raw)
+    if server is not None and spec["max_message_bytes"] > server["client_buffer_limit"]:
+        raise vol.Invalid(f"must not be above server.client_buffer_limit ({server['client_buffer_limit']}): "
+                          "a reply that large could never be written", path=["max_message_bytes"])
+    if spec["ejection_time"] > spec["max_ejection_time"]:
+        raise vol.Invalid(f"must not be above max_ejection_time ({spec['max_ejection_time']:g})",
+                          path=["ejection_time"])
+    return spec
 
 
 def _got(raw, path):

@@ -1,32 +1,34 @@
 """One client TCP connection: its socket, identity, buffers and deadlines.
 
-Owns the nonblocking reads and writes of one socket: a read goes straight to
-the proxy; writes are gathered during a pass and sent once at its end (one
-`send` for many replies), with the unsent rest kept in order until the socket
-is writable again. It keeps the few facts the proxy and plugins ask about a
-client: its UUID, address, activity and byte counts.
+A `BufferedSocket` (bounded output buffer with watermarks) plus the few facts
+the proxy and plugins ask about a client: its UUID, address, activity and
+byte counts. A read goes straight to the proxy; replies are gathered during a
+reactor pass and written once at its end (one `send` for many replies).
+What the client does not read stays buffered in order, up to the limits the
+proxy sets on this class from the config (`client_buffer_*`).
 
 Memory per idle connection matters (tens of thousands of idle game clients),
 hence `__slots__` and buffers that exist only while they hold data.
 """
-from pplex.reactor import READ, WRITE
+from pplex import reasons
+from pplex.bufsock import BufferedSocket
 
 RECV_BYTES = 65536
 
 
-class Connection:
+class Connection(BufferedSocket):
     __slots__ = (
-        "proxy", "sock", "uuid", "peer", "opened", "last_read",
+        "proxy", "uuid", "peer", "opened", "last_read",
         "bytes_in", "bytes_out", "messages_in", "messages_out",
-        "out", "wbuf", "events", "closed", "eof", "close_reason",
+        "out", "eof", "close_reason",
         "framing_state", "authenticated", "upstream",
         "waiting", "waiting_bytes", "last_upstream", "merge_batch", "merge_index",
-        "idle_timer", "linger_timer", "attrs", "__weakref__",
+        "idle_timer", "linger_timer", "behind_timer", "attrs", "__weakref__",
     )
 
     def __init__(self, proxy, sock, uuid, peer, now):
+        BufferedSocket.__init__(self, proxy.reactor, sock)
         self.proxy = proxy
-        self.sock = sock
         self.uuid = uuid
         self.peer = peer
         self.opened = now
@@ -34,9 +36,6 @@ class Connection:
         self.bytes_in = self.bytes_out = 0
         self.messages_in = self.messages_out = 0
         self.out = None           # replies gathered during this pass
-        self.wbuf = None          # bytes the socket did not take yet
-        self.events = READ
-        self.closed = False
         self.eof = 0              # see Proxy.client_eof
         self.close_reason = None
         self.framing_state = None  # owned by the framing plugin
@@ -49,6 +48,7 @@ class Connection:
         self.merge_index = 0
         self.idle_timer = None
         self.linger_timer = None
+        self.behind_timer = None  # slow-consumer deadline while above the high watermark
         self.attrs = None         # a dict for plugins, made on first use
 
     def __repr__(self):
@@ -61,25 +61,21 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as error:
-            self.proxy.close(self, f"read error: {error.strerror or error}")
+            self.proxy.close(self, reasons.CLIENT_RESET, f"read error: {error.strerror or error}")
             return
         if data:
             self.bytes_in += len(data)
             try:
                 self.proxy.received(self, data)
             except Exception:
-                # A plugin failed on this client's input: it alone is closed.
+                # The fault boundary of one client's input: it alone is closed.
                 self.proxy.failed(self, "handling its input")
         else:
             self.proxy.client_eof(self)
 
-    def pause_reading(self):
-        if self.events & READ and not self.closed:
-            self._set_events(self.events & ~READ)
-
     def resume_reading(self):
-        if not self.events & READ and not self.closed and not self.eof:
-            self._set_events(self.events | READ)
+        if not self.eof:
+            BufferedSocket.resume_reading(self)
 
     # -- writing -------------------------------------------------------------
     def send(self, data):
@@ -98,56 +94,31 @@ class Connection:
         if self.closed or out is None:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
-        if self.wbuf:  # earlier bytes still wait: keep order
-            self.wbuf += data
-            return
-        self._write(data)
+        self.bytes_out += len(data)
+        self.write(data)
 
-    def _write(self, data):
-        try:
-            sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as error:
-            self.proxy.close(self, f"write error: {error.strerror or error}")
-            return
-        self.bytes_out += sent
-        if sent < len(data):
-            self.wbuf = bytearray(memoryview(data)[sent:])
-            self._set_events(self.events | WRITE)
-        elif self.eof:
+    # BufferedSocket hooks: the proxy's slow-consumer policy.
+    def pause_writing(self):
+        self.proxy.client_behind(self)
+
+    def resume_writing(self):
+        self.proxy.client_caught_up(self)
+
+    def buffer_overflow(self):
+        self.proxy.client_overflow(self)
+
+    def write_drained(self):
+        if self.eof:
             self.proxy.flushed_after_eof(self)
 
-    def on_writable(self):
-        buf = self.wbuf
-        try:
-            sent = self.sock.send(buf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self.proxy.close(self, f"write error: {error.strerror or error}")
-            return
-        self.bytes_out += sent
-        del buf[:sent]
-        if not buf:
-            self.wbuf = None
-            self._set_events(self.events & ~WRITE)
-            if self.eof:
-                self.proxy.flushed_after_eof(self)
+    def write_failed(self, error):
+        self.proxy.close(self, reasons.CLIENT_RESET, f"write error: {error.strerror or error}")
+
+    def buffered_changed(self, delta):
+        self.proxy.client_output_bytes += delta
 
     def pending_write_bytes(self):
-        return len(self.wbuf) if self.wbuf else 0
-
-    def _set_events(self, events):
-        old, self.events = self.events, events
-        reactor = self.proxy.reactor
-        # A selector holds no socket without interest: leave it, and come back.
-        if not events:
-            reactor.unregister(self.sock)
-        elif not old:
-            reactor.register(self.sock, events, self)
-        else:
-            reactor.modify(self.sock, events, self)
+        return self.buffered()
 
     # -- identity ------------------------------------------------------------
     def is_active(self, now, window):

@@ -52,11 +52,13 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from pplex import __version__
+from pplex import __version__, limits
 from pplex._proto import upstream_pb2
+from pplex.bufsock import BufferedSocket
 from pplex.grpcwire import (
     EMPTY_MESSAGE, FrameScanner, FramingError, MessageReader, call_outcome, describe_reset, encode_batch,
     grpc_timeout, window_update)
+from pplex.logs import FAULTS
 from pplex.reactor import READ, WRITE
 from pplex.transport import Link, Transport
 
@@ -71,8 +73,9 @@ RECV_PER_EVENT = 4
 # DATA bytes that bypassed h2 after which they are given back (WINDOW_UPDATE);
 # far below RECEIVE_WINDOW, so the worker never waits for it.
 WINDOW_RETURN_BYTES = 256 * 1024
-# Bytes waiting for the socket above which offer() refuses (on_drained follows).
+# Bytes waiting for the socket above which offer() refuses (on_drained follows once under the low mark).
 OUT_HIGH_WATER = 1 * MiB
+OUT_LOW_WATER = 256 * 1024
 
 SERVICE = "/upstream.grpc.service.UpstreamPeerService/"
 DATA_PATH = (SERVICE + "bidirectionalStreaming").encode()
@@ -91,7 +94,7 @@ class _Call:
         self.link = link
         self.conn = None
         self.stream_id = None
-        self.reader = MessageReader()
+        self.reader = MessageReader(link.max_message_bytes)
         self.http_status = None
         self.grpc_status = None
         self.grpc_message = ""
@@ -170,7 +173,7 @@ class _ReadyCall(_Call):
 
 class _DataCall(_Call):
     __slots__ = ("batch", "wire", "ends", "sent", "started_msgs", "written", "written_at_answer",
-                 "want_drain")
+                 "want_drain", "closing", "confirmed", "kept", "kept_bytes")
 
     def __init__(self, link):
         super().__init__(link)
@@ -182,6 +185,11 @@ class _DataCall(_Call):
         self.written = 0        # messages handed to h2, over the stream's life
         self.written_at_answer = 0
         self.want_drain = False
+        self.closing = False    # close_send asked: END_STREAM once the batch is written
+        self.confirmed = 0      # messages of batch written before the worker's latest message
+        # keep_unconfirmed: the messages written since the worker's latest message (flat batches)
+        self.kept = [] if link.keep_unconfirmed else None
+        self.kept_bytes = 0
 
     def messages(self, messages):
         if self.stopped:
@@ -191,6 +199,10 @@ class _DataCall(_Call):
             return
         # Streams keep order: what was written before this answer was read by the worker.
         self.written_at_answer = self.written
+        self.confirmed = self.started_msgs
+        if self.kept:
+            self.kept = []
+            self.kept_bytes = 0
         events = link.events
         parse = upstream_pb2.OutputStreamRequest.FromString
         for raw in messages:
@@ -200,13 +212,17 @@ class _DataCall(_Call):
                 self.conn.reset(self, ErrorCodes.CANCEL)
                 self.finish(f"INTERNAL: cannot decode a message from the worker: {error}")
                 return
-            which = out.WhichOneof("target")
-            if which == "client_uuid":
-                events.on_reply(link, out.client_uuid, out.payload)
-            elif which == "broadcast":
-                events.on_broadcast(link, out.broadcast, out.payload)
-            else:
-                events.on_bad_message(link, "message with no target")
+            try:
+                which = out.WhichOneof("target")
+                if which == "client_uuid":
+                    events.on_reply(link, out.client_uuid, out.payload)
+                elif which == "broadcast":
+                    events.on_broadcast(link, out.broadcast, out.payload)
+                else:
+                    events.on_bad_message(link, "message with no target")
+            except Exception:
+                # The fault boundary of one worker message: the next ones of this read still go.
+                FAULTS.report("link event", "a message from upstream %s", link.authority.decode(), logger=log)
             if self.stopped or link.closed:  # a handler stopped the stream
                 return
 
@@ -219,9 +235,19 @@ class _DataCall(_Call):
                             "worker ended the data stream" if detail is None else detail)
 
     def push(self):
-        """Hand as much of the waiting batch to h2 as the windows allow."""
-        if self.batch is None or self.finished:
+        """Hand as much of the waiting batch to h2 as the windows allow; END_STREAM once asked and done."""
+        if self.finished:
             return
+        if self.batch is not None:
+            self._push_batch()
+        if self.closing and self.batch is None:
+            self.closing = False
+            try:
+                self.conn.h2.end_stream(self.stream_id)
+            except h2.exceptions.H2Error as error:
+                log.debug("cannot half-close stream %s: %s", self.stream_id, error)
+
+    def _push_batch(self):
         h2conn = self.conn.h2
         sid = self.stream_id
         wire = self.wire
@@ -242,18 +268,36 @@ class _DataCall(_Call):
         self.written += started - self.started_msgs
         self.started_msgs = started
         if sent >= total:
+            if self.kept is not None and self.confirmed < started:
+                self._keep(self.batch[3 * self.confirmed:], total)
             self.batch = self.ends = None
             self.wire = b""
-            self.sent = self.started_msgs = 0
+            self.sent = self.started_msgs = self.confirmed = 0
+
+    def _keep(self, batch, size):
+        """Keep written, unconfirmed messages for a resend; past the cap the oldest are let go."""
+        self.kept.append(batch)
+        self.kept_bytes += size
+        while self.kept_bytes > limits.REDELIVER_KEEP_BYTES and len(self.kept) > 1:
+            dropped = self.kept.pop(0)
+            self.kept_bytes -= sum(len(p) for p in dropped[1::3])
 
     def take_back(self):
-        """The messages of the waiting batch not one byte of which was written."""
+        """(unsent, resend): the waiting batch's messages not one byte of which was written, and the
+        written-but-unconfirmed ones kept for a resend (empty unless keep_unconfirmed)."""
+        resend = []
+        if self.kept:
+            for batch in self.kept:
+                resend += batch
+            self.kept = []
         if self.batch is None:
-            return []
+            return [], resend
+        if self.kept is not None:
+            resend += self.batch[3 * self.confirmed:3 * self.started_msgs]
         unsent = self.batch[3 * self.started_msgs:]
         self.batch = self.ends = None
         self.wire = b""
-        return unsent
+        return unsent, resend
 
     def waiting(self):
         if self.batch is None:
@@ -297,21 +341,26 @@ class _LiveCall(_Call):
 
 
 # -- the connection ----------------------------------------------------------------
-class _Connection:
-    """One h2c connection: a nonblocking socket in the reactor's selector, an h2 state machine."""
+class _Connection(BufferedSocket):
+    """One h2c connection: a nonblocking buffered socket in the reactor's selector, an h2 state machine.
+
+    Until the connect completes, what h2 produces stays in h2's own buffer.
+    """
+
+    write_high = OUT_HIGH_WATER
+    write_low = OUT_LOW_WATER
 
     def __init__(self, link):
+        BufferedSocket.__init__(self, link.reactor, None)
         self.link = link
-        self.reactor = link.reactor
-        self.sock = None
         self.addresses = []        # resolved addresses not tried yet
-        self.mask = 0
         self.connected = False
-        self.closed = False
-        self.out = bytearray()     # bytes h2 produced that the socket has not taken yet
         self.calls = {}            # stream id -> _Call
         self.scanner = FrameScanner()
-        self.window_owed = 0       # DATA bytes that bypassed h2, not yet given back by WINDOW_UPDATE
+        # DATA bytes that bypassed h2, not yet given back by WINDOW_UPDATE: the connection's
+        # (always given back, so heartbeats flow) and the data stream's (held while replies are paused)
+        self.conn_owed = 0
+        self.stream_owed = 0
         self.goaway = None         # "GOAWAY (CODE: debug)" once the worker said it is going
         self.h2 = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding=None))
@@ -372,15 +421,10 @@ class _Connection:
             return f"UNAVAILABLE: cannot connect to {self.link.authority.decode()}: {os.strerror(code)}"
         self.sock = sock
         self.connected = code == 0
-        # Writable once connected: then whatever waited in `out` goes.
-        self.mask = READ | WRITE
-        self.reactor.register(sock, self.mask, self)
+        # Writable once connected: then what h2 holds goes.
+        self.events = 0
+        self.set_events(READ | WRITE)
         return None
-
-    def _set_mask(self, mask):
-        if mask != self.mask and not self.closed:
-            self.mask = mask
-            self.reactor.modify(self.sock, mask, self)
 
     # -- streams -------------------------------------------------------------
     def open_call(self, call, path, extra=(), body=None, end_stream=False):
@@ -418,43 +462,18 @@ class _Connection:
     # -- I/O -----------------------------------------------------------------
     def flush(self):
         """Move what h2 wants to send into the socket; never reports events (it may run in offer)."""
-        if self.closed:
+        if self.closed or not self.connected:
             return
         data = self.h2.data_to_send()
-        if not self.connected:
-            if data:
-                self.out += data
-            return
-        out = self.out
-        if not out:
-            if not data:
-                return
-            try:
-                n = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as error:
-                self._fail_soon(f"UNAVAILABLE: writing to the worker failed: {error.strerror or error}")
-                return
-            if n < len(data):
-                out += memoryview(data)[n:]
-                self._set_mask(READ | WRITE)
-            return
         if data:
-            out += data
-        self._send_out()
+            self.write(data)
 
-    def _send_out(self):
-        out = self.out
-        try:
-            n = self.sock.send(out)
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError as error:
-            self._fail_soon(f"UNAVAILABLE: writing to the worker failed: {error.strerror or error}")
-            return
-        del out[:n]
-        self._set_mask(READ | WRITE if out else READ)
+    # BufferedSocket hooks
+    def write_failed(self, error):
+        self._fail_soon(f"UNAVAILABLE: writing to the worker failed: {error.strerror or error}")
+
+    def resume_writing(self):
+        self.link._writable_again(self)
 
     def _fail_soon(self, detail):
         self.reactor.call_soon(self.fail, detail)
@@ -463,7 +482,7 @@ class _Connection:
         """The nonblocking connect finished (the socket is readable or writable): did it work?"""
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code and self.addresses:
-            self.reactor.unregister(self.sock)
+            self.set_events(0)
             self.sock.close()
             self.sock = None
             detail = self._connect_next()
@@ -479,12 +498,14 @@ class _Connection:
     def on_writable(self):
         if self.closed:
             return
-        if not self.connected and not self._connect_done():
-            return
-        self.flush()
-        if not self.closed and len(self.out) < OUT_HIGH_WATER:
-            self.link._writable_again(self)
+        if not self.connected:
+            if not self._connect_done():
+                return
+            self.set_events(READ)  # from now on, WRITE interest only while bytes are buffered
             self.flush()
+            return
+        BufferedSocket.on_writable(self)
+        self.flush()
 
     def on_readable(self):
         if self.closed:
@@ -492,6 +513,7 @@ class _Connection:
         if not self.connected:
             if not self._connect_done():
                 return
+            self.set_events(READ)
             self.flush()
         try:
             for _ in range(RECV_PER_EVENT):
@@ -515,8 +537,8 @@ class _Connection:
     def received(self, data):
         """Sort the bytes (h2's, the data stream's DATA, GOAWAYs), act on each in order, GOAWAYs last."""
         goaways = self.scanner.feed(data, self._receive, self._fast_data)
-        if self.window_owed >= WINDOW_RETURN_BYTES and not self.closed:
-            self._return_window()
+        if (self.conn_owed >= WINDOW_RETURN_BYTES or self.stream_owed >= WINDOW_RETURN_BYTES) and not self.closed:
+            self.return_window()
         for goaway in goaways:
             if self.closed:
                 return
@@ -537,24 +559,37 @@ class _Connection:
         for sid in [sid for sid in self.calls if sid > last_stream_id]:
             call = self.calls.pop(sid)
             call.finish(f"UNAVAILABLE: the worker is going away ({self.goaway}) and did not take the call")
-        if self.idle():
+        self.link._going_away(self, self.goaway)
+        if self.idle() and not self.closed:
             self.close()
 
     def _fast_data(self, payloads):
         """Plain DATA frames of the data stream, which h2 never sees: their window is ours to give back."""
-        self.window_owed += sum(map(len, payloads))
+        size = sum(map(len, payloads))
+        self.conn_owed += size
+        self.stream_owed += size
         call = self.calls.get(self.scanner.fast)
         if call is not None:
-            call.data(payloads)
+            try:
+                call.data(payloads)
+            except Exception:  # a backstop: the call handles its own messages' errors
+                FAULTS.report("link event", "data from upstream %s", self.link.authority.decode(), logger=log)
         return self.closed
 
-    def _return_window(self):
-        """WINDOW_UPDATE for the DATA that bypassed h2: the connection's, and the data stream's if open."""
-        owed, self.window_owed = self.window_owed, 0
-        frames = window_update(0, owed)
-        if self.scanner.fast in self.calls:
-            frames += window_update(self.scanner.fast, owed)
-        self.out += frames   # whole frames, after whole frames: on_readable's flush sends them
+    def return_window(self):
+        """WINDOW_UPDATE for the DATA that bypassed h2: the connection's always, so heartbeats and
+        probes flow; the data stream's unless replies are paused (then the worker must wait)."""
+        frames = b""
+        if self.conn_owed:
+            frames = window_update(0, self.conn_owed)
+            self.conn_owed = 0
+        if self.stream_owed and not self.link.replies_paused:
+            if self.scanner.fast in self.calls:
+                frames += window_update(self.scanner.fast, self.stream_owed)
+            self.stream_owed = 0
+        if frames:
+            # Whole frames after whole frames: what h2 queued so far goes first.
+            self.write(self.h2.data_to_send() + frames)
 
     def _receive(self, data):
         """Feed bytes to h2 and act on its events; True when the connection is gone."""
@@ -628,15 +663,14 @@ class _Connection:
         if self.connected:
             try:
                 self.h2.close_connection()
-                data = bytes(self.out) + self.h2.data_to_send()
-                self.sock.send(data)
+                self.sock.send((bytes(self.wbuf) if self.wbuf else b"") + self.h2.data_to_send())
             except (OSError, h2.exceptions.H2Error):
                 pass
-        self.closed = True
         self.link._connection_closed(self)
-        if self.sock is not None:
-            self.reactor.unregister(self.sock)
-            self.sock.close()
+        if self.sock is None:
+            self.closed = True
+        else:
+            self.close_socket()
 
 
 # -- the link ----------------------------------------------------------------------
@@ -645,17 +679,20 @@ class H2Transport(Transport):
         self.reactor = reactor
 
     def connect(self, upstream, events):
-        return H2Link(self.reactor, upstream.host, upstream.port, events)
+        return H2Link(self.reactor, upstream.host, upstream.port, events,
+                      max_message_bytes=upstream.max_message_bytes)
 
     def close(self):
         pass
 
 
 class H2Link(Link):
-    def __init__(self, reactor, host, port, events):
+    def __init__(self, reactor, host, port, events, max_message_bytes=limits.MAX_MESSAGE_BYTES.default):
         self.reactor = reactor
         self.host = host
         self.port = port
+        self.max_message_bytes = max_message_bytes   # the largest message the worker may send us
+        self.replies_paused = False
         self.authority = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         self.events = events
         self.closed = False
@@ -753,10 +790,10 @@ class H2Link(Link):
 
     def offer(self, batch):
         call = self._data
-        if call is None or call.finished:
+        if call is None or call.finished or call.closing:
             return False
         conn = call.conn
-        if call.batch is not None or len(conn.out) >= OUT_HIGH_WATER:
+        if call.batch is not None or conn.writing_paused:
             call.want_drain = True
             return False
         call.wire, call.ends = encode_batch(batch)
@@ -767,7 +804,7 @@ class H2Link(Link):
 
     def _window_opened(self, conn):
         call = self._data
-        if call is not None and call.conn is conn and call.batch is not None:
+        if call is not None and call.conn is conn and (call.batch is not None or call.closing):
             call.push()
         self._maybe_drained(conn)
 
@@ -777,9 +814,23 @@ class H2Link(Link):
     def _maybe_drained(self, conn):
         call = self._data
         if (call is not None and call.conn is conn and call.want_drain and call.batch is None
-                and not call.finished and len(conn.out) < OUT_HIGH_WATER):
+                and not call.finished and not conn.writing_paused):
             call.want_drain = False
             self._emit(self.events.on_drained)
+
+    def _going_away(self, conn, detail):
+        """A graceful GOAWAY on `conn`: if the data stream lives there, the worker is draining."""
+        call = self._data
+        if call is not None and call.conn is conn and not call.finished:
+            self._emit(self.events.on_goaway, detail)
+
+    def progress(self):
+        call = self._data
+        return call.written if call is not None else 0
+
+    def backlog(self):
+        call = self._data
+        return call.waiting() if call is not None else 0
 
     def unanswered(self):
         call = self._data
@@ -787,13 +838,33 @@ class H2Link(Link):
             return 0
         return call.waiting() + call.written - call.written_at_answer
 
+    def close_send(self):
+        call = self._data
+        if call is None or call.finished or call.conn is None or call.conn.closed:
+            return
+        call.closing = True
+        call.push()
+        call.conn.flush()
+
+    def pause_replies(self):
+        self.replies_paused = True
+
+    def resume_replies(self):
+        self.replies_paused = False
+        conn = self._conn
+        call = self._data
+        if call is not None and call.conn is not None and not call.conn.closed:
+            call.conn.return_window()
+        elif conn is not None and not conn.closed:
+            conn.return_window()
+
     def stop_stream(self):
         call, self._data = self._data, None
         if call is None:
-            return [], 0
+            return [], 0, []
         call.stopped = True
-        unsent = call.take_back()
-        unconfirmed = max(0, call.written - call.written_at_answer)
+        unsent, resend = call.take_back()
+        unconfirmed = max(0, call.written - call.written_at_answer - len(resend) // 3)
         conn = call.conn
         if conn is not None and not conn.closed:
             conn.reset(call)
@@ -802,7 +873,7 @@ class H2Link(Link):
                 conn.close()
             else:
                 conn.flush()
-        return unsent, unconfirmed
+        return unsent, unconfirmed, resend
 
     # -- liveness ------------------------------------------------------------
     def start_live(self, interval):

@@ -97,6 +97,50 @@ MAX_PENDING_BYTES = setting(
 MAX_CONNECTIONS = setting(
     "server", "max_connections", 100_000, "connections", 1, 10_000_000,
     "open client connections; pplex stops accepting at the limit and resumes below it", integer=True)
+CLIENT_BUFFER_HIGH = setting(
+    "server", "client_buffer_high", 1 * MiB, "bytes", 4 * KiB, 1 * GiB,
+    "a client with more than this unread is behind: its slow-consumer clock starts", integer=True)
+CLIENT_BUFFER_LOW = setting(
+    "server", "client_buffer_low", 256 * KiB, "bytes", 0, 1 * GiB,
+    "a client that was behind is caught up again once its unread bytes fall to this", integer=True)
+CLIENT_BUFFER_LIMIT = setting(
+    "server", "client_buffer_limit", 16 * MiB, "bytes", 64 * KiB, 4 * GiB,
+    "unread bytes a client may have at most; past it, it is closed at once (slow_consumer). "
+    "Must hold the largest reply (upstream max_message_bytes)", integer=True)
+SLOW_CONSUMER_TIMEOUT = setting(
+    "server", "slow_consumer_timeout", 10, "s", 0, 3600,
+    "a client that stays behind (above client_buffer_high) this long is closed (slow_consumer)",
+    low_open=True)
+OUTPUT_BUDGET = setting(
+    "server", "output_budget", 64 * MiB, "bytes", 1 * MiB, 64 * GiB,
+    "unread bytes of all clients together above which pplex stops taking replies from workers "
+    "(HTTP/2 flow control pushes back on them) until half of it is written", integer=True)
+EOF_LINGER = setting(
+    "server", "eof_linger", 0.5, "s", 0, 3600,
+    "after a client half-closes, replies to what it sent last still reach it for this long")
+EOF_STALL_TIMEOUT = setting(
+    "server", "eof_stall_timeout", 5, "s", 0, 3600,
+    "after the linger, pplex keeps writing to a half-closed client while it reads; "
+    "this long without progress and it gives up with a reset (RST), never a clean close",
+    low_open=True)
+TCP_KEEPALIVE_IDLE = setting(
+    "server", "tcp_keepalive_idle", 60, "s", 0, 24 * 3600,
+    "TCP keepalive on client sockets: probes start after this much silence (0 turns keepalive off); "
+    "a peer gone without FIN or RST is closed (client_reset) instead of holding its slot",
+    integer=True)
+TCP_KEEPALIVE_INTERVAL = setting(
+    "server", "tcp_keepalive_interval", 10, "s", 1, 3600, "seconds between keepalive probes", integer=True)
+TCP_KEEPALIVE_COUNT = setting(
+    "server", "tcp_keepalive_count", 6, "probes", 1, 127,
+    "unanswered keepalive probes after which the peer is declared gone", integer=True)
+SHUTDOWN_GRACE = setting(
+    "server", "shutdown_grace", 5, "s", 0, 3600,
+    "on SIGTERM, how long pplex keeps delivering what is in flight to a client being closed "
+    "before it gives up on it (with a reset)")
+SHUTDOWN_SPREAD = setting(
+    "server", "shutdown_spread", 10, "s", 0, 3600,
+    "on SIGTERM, clients are closed spread evenly (with jitter) over this many seconds, so they do "
+    "not all reconnect in the same instant; 0 closes them all at once")
 
 
 # -- upstream: each worker ---------------------------------------------------------------------
@@ -106,7 +150,65 @@ ALIVE_TIMEOUT = setting(
 READY_TIMEOUT = setting(
     "upstream", "ready_timeout", 5, "s", 0, 3600,
     "how long a ready probe may take before the worker counts as not ready", low_open=True)
+MAX_MESSAGE_BYTES = setting(
+    "upstream", "max_message_bytes", 4 * MiB, "bytes", 64 * KiB, 64 * MiB,
+    "largest gRPC message either way (gRPC's default receive limit is 4 MiB); a client frame above "
+    "it closes that client (protocol_error) instead of breaking the stream every client shares",
+    integer=True)
+STALL_TIMEOUT = setting(
+    "upstream", "stall_timeout", 10, "s", 0, 3600,
+    "a data stream that takes nothing this long while messages wait (flow-control window or "
+    "socket stuck: a worker that stopped reading) ejects the worker; what it never took is re-routed",
+    low_open=True)
+DRAIN_TIMEOUT = setting(
+    "upstream", "drain_timeout", 30, "s", 0, 24 * 3600,
+    "a draining worker that does not end its stream within this long is cut off", low_open=True)
+RISE = setting(
+    "upstream", "rise", 1, "answers", 1, 100,
+    "consecutive ready=true answers a worker needs to enter rotation (HAProxy's rise)", integer=True)
+FALL = setting(
+    "upstream", "fall", 1, "heartbeats", 1, 100,
+    "consecutive failed heartbeats (live=false or no answer in time) that eject it (HAProxy's fall); "
+    "a broken or stalled data stream ejects at once", integer=True)
+EJECTION_TIME = setting(
+    "upstream", "ejection_time", 0.5, "s", 0, 3600,
+    "base ejection time: after its n-th ejection in a row a worker stays out at least "
+    "ejection_time x 2^(n-1), capped by max_ejection_time; each ejection-free decay period "
+    "in rotation takes one off n (Envoy's outlier detection)")
+MAX_EJECTION_TIME = setting(
+    "upstream", "max_ejection_time", 60, "s", 0, 24 * 3600, "the cap of the ejection time")
 
 
 # -- management_server: the admin API ------------------------------------------------------------
 # (host, port and token are not numbers; they are declared in pplex.config.)
+ADMIN_MAX_BODY_BYTES = setting(
+    "management_server", "max_body_bytes", 64 * KiB, "bytes", 1 * KiB, 16 * MiB,
+    "largest admin request body; a larger one is refused (413) before it is read", integer=True)
+ADMIN_THREADS = setting(
+    "management_server", "threads", 4, "threads", 1, 64,
+    "threads serving admin requests", integer=True)
+
+
+# -- constants ------------------------------------------------------------------------------------
+# Raw bytes a busy client sends while its last message waits merge into it up to this size
+# (raw TCP has no boundaries to keep); never above the upstream's max_message_bytes.
+MERGE_LIMIT_BYTES = 256 * KiB
+# An upstream batch above this stops reading the clients that feed it until the stream takes it.
+UPSTREAM_BATCH_HIGH = 8 * MiB
+# Accepts per readiness event: new clients cannot starve old ones.
+ACCEPT_PER_EVENT = 64
+# After EMFILE and friends, accepting resumes after this pause (logged once per episode).
+ACCEPT_RETRY_SECONDS = 0.25
+# Calls handed over from other threads run at most this many per reactor pass; the rest wait
+# for the next pass, so a flood of worker events cannot starve sockets and timers.
+THREADSAFE_CALLS_PER_PASS = 20_000
+# Each ejection-free period of this length in rotation takes one off the ejection count.
+EJECTION_DECAY_SECONDS = 10.0
+# Ready probes after a failure: first retry after this, doubling to the cap, jittered.
+RETRY_FIRST_SECONDS = 0.1
+RETRY_MAX_SECONDS = 2.0
+# A heartbeat answer may be late by half an interval before it counts as failed.
+LIVE_GRACE = 1.5
+# Messages written to a stream that may have to be re-sent (redeliver_unconfirmed) are kept
+# up to this many bytes per worker; older ones fall back to at-most-once (counted).
+REDELIVER_KEEP_BYTES = 8 * MiB

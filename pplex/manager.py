@@ -15,6 +15,7 @@ import voluptuous
 
 from pplex import hookspecs
 from pplex.errors import ConfigError
+from pplex.logs import FAULTS
 
 ENTRY_POINT_GROUP = "pplex.plugins"
 SLOTS = {
@@ -146,11 +147,33 @@ class PluginSet:
         return _chain(functions, first_result)
 
     def notifier(self, hook_name):
-        """A callable for an observer hook, or None when no plugin implements it."""
+        """A callable for an observer hook, or None when no plugin implements it.
+
+        A fault boundary: each implementation runs on its own, in pluggy's order,
+        and one that raises is counted and logged (`pplex_errors_total{where="plugin
+        HOOK"}`) without stopping the others or the caller. Callers commit their
+        state before they notify, so a raise can leave nothing half made.
+        """
         caller = getattr(self.pm.hook, hook_name)
-        if not caller.get_hookimpls():
+        impls = caller.get_hookimpls()
+        if not impls:
             return None
-        return _keyword_adapter(caller, tuple(caller.spec.argnames))
+        spec_args = tuple(caller.spec.argnames)
+        where = f"plugin {hook_name}"
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+            whole = _keyword_adapter(caller, spec_args)
+            named = [(", ".join(self.pm.get_name(impl.plugin) for impl in impls), whole)]
+        else:
+            named = [(self.pm.get_name(impl.plugin), _positional(impl.function, impl.argnames, spec_args))
+                     for impl in reversed(impls)]
+
+        def notify(*args):
+            for name, function in named:
+                try:
+                    function(*args)
+                except Exception:
+                    FAULTS.report(where, "in plugin %s; the others still ran", name)
+        return notify
 
     def framing(self):
         framing = self.pm.hook.pplex_framing()

@@ -1,39 +1,51 @@
 """The per-message path: client bytes to worker batches, worker messages to clients.
 
-Owns the listening socket, the table of open connections, and the flow of a
-message through the resolved plugin chain (framing, auth, routing, balancing)
-into the batch of the chosen upstream; and back: replies by UUID, broadcasts
-through the broadcast plugin. At the end of each reactor pass it offers each
-upstream its batch (one hand-off per upstream per pass) and gives each client
-one write. Everything here runs on the reactor thread.
+Owns the table of open connections and the flow of a message through the
+resolved plugin chain (framing, auth, routing, balancing) into the batch of
+the chosen upstream; and back: replies by UUID, broadcasts through the
+broadcast plugin. At the end of each reactor pass it offers each upstream
+its batch (one hand-off per upstream per pass) and gives each client one
+write. It also owns how clients end: half-close, slow consumers, idle
+deadlines, shutdown. Accepting is `pplex.listener`'s; everything here runs
+on the reactor thread.
+
+Memory is bounded everywhere on this path:
+- what a client may have waiting while no worker is ready (`max_pending_bytes`);
+- what an upstream batch may hold before its clients stop being read
+  (`limits.UPSTREAM_BATCH_HIGH`, merged raw bytes included);
+- what a client has not read (`client_buffer_high` starts its slow-consumer
+  clock, `client_buffer_limit` closes it at once);
+- what all clients together have not read (`output_budget`): above it pplex
+  stops taking replies from workers, so a worker that produces faster than
+  clients read is slowed by HTTP/2 flow control instead of filling memory.
 """
 import collections
 import logging
-import socket
+import random
 import uuid as uuid_module
 
+from pplex import limits, reasons
 from pplex.connection import Connection, format_peer
 from pplex.errors import FrameError
+from pplex.listener import Listener
 from pplex.reactor import READ
+from pplex.logs import FAULTS, RateLimited
 from pplex.stats import Stats
 from pplex.timestamps import rfc3339_now
 from pplex.upstreams import Upstreams
 
 log = logging.getLogger("pplex.proxy")
 
-ACCEPT_PER_EVENT = 64          # accepts per readiness event: new clients cannot starve old ones
-ACCEPT_RETRY_SECONDS = 0.1     # after EMFILE and friends, try accepting again this much later
-MERGE_LIMIT_BYTES = 256 * 1024  # raw bytes merge into one waiting message up to this size
-# An upstream batch above this stops reading its clients until the stream takes it.
-HIGH_WATER_BYTES = 8 * 1024 * 1024
-# After a client's EOF, replies to what it sent last still reach it for this long.
-EOF_LINGER_SECONDS = 0.5
-EOF_WRITE_GRACE_SECONDS = 5.0
 BROADCAST_NAMES = {0: "ALL", 1: "ACTIVE", 2: "NOT_ACTIVE"}
+_limited = RateLimited()
 
 
 class Proxy:
     """Client connections and message flow; the `LinkEvents` every link reports to."""
+
+    # conn.eof: 0 open; LINGERING replies to its last messages may still come;
+    # FLUSHING the linger is over and it closes once its writes are out.
+    LINGERING, FLUSHING = 1, 2
 
     def __init__(self, reactor, config, plugins, transport):
         server = config["server"]
@@ -44,17 +56,32 @@ class Proxy:
         self.conns = {}
         self.dirty_clients = []
         self.dirty_upstreams = []
-        self.waiting_clients = {}  # an ordered set: clients with messages held for want of a worker
-        self.paused_clients = []
+        self.waiting_clients = {}  # ordered sets: clients with messages held for want of a worker,
+        self.paused_clients = {}   # and clients not read because their upstream's batch is full
         self.idle_timeout = server["idle_timeout"]
         self.active_window = server["active_window"]
         self.max_pending_bytes = server["max_pending_bytes"]
-        self.max_connections = server["max_connections"]
-        self.listener = None
-        self.accepting = False
-        self._accept_retry = None
+        self.slow_consumer_timeout = server["slow_consumer_timeout"]
+        self.output_budget = server["output_budget"]
+        self.eof_linger = server["eof_linger"]
+        self.eof_stall_timeout = server["eof_stall_timeout"]
+        self.shutdown_grace = server["shutdown_grace"]
+        self.shutdown_spread = server["shutdown_spread"]
+        self.client_output_bytes = 0   # unread bytes of all clients (kept by their buffers)
+        self.replies_paused = False
+        self.shutting_down = False
+        self._on_shutdown_done = None
         self._stamp = None
         self._verbose = log.isEnabledFor(logging.INFO)
+        # The client class of this proxy: the buffer marks are class attributes, not per connection.
+        self.client_class = type("Client", (Connection,), {
+            "__slots__": (), "write_high": server["client_buffer_high"],
+            "write_low": min(server["client_buffer_low"], server["client_buffer_high"]),
+            "write_limit": server["client_buffer_limit"]})
+        self.listener = Listener(
+            reactor, self._open, server["max_connections"], self.conns.__len__,
+            keepalive=(server["tcp_keepalive_idle"], server["tcp_keepalive_interval"],
+                       server["tcp_keepalive_count"]))
 
         framing = plugins.framing()
         self.decode = framing.decode
@@ -70,86 +97,47 @@ class Proxy:
         self.notify_closed = plugins.notifier("pplex_connection_closed")
 
         self.upstreams = Upstreams(
-            reactor, transport, self,
+            reactor, transport, self, redeliver=server["redeliver_unconfirmed"],
             notify_added=plugins.notifier("pplex_upstream_added"),
             notify_ready=plugins.notifier("pplex_upstream_ready"),
             notify_lost=plugins.notifier("pplex_upstream_lost"))
         self.ready = self.upstreams.ready
         reactor.add_pass_end(self._end_of_pass)
 
-    # -- listening -----------------------------------------------------------
+    # -- accepting -----------------------------------------------------------
     def listen(self, host, port, backlog=1024):
         """Bind and listen; return the bound (host, port)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if family == socket.AF_INET and not host.replace(".", "").isdigit():
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as error:
-            sock.close()
-            raise OSError(error.errno, f"cannot listen on {format_peer((host, port))}: {error.strerror}") from None
-        sock.listen(backlog)
-        sock.setblocking(False)
-        self.listener = sock
-        self._start_accepting()
-        return sock.getsockname()[:2]
+        return self.listener.listen(host, port, backlog)
 
-    def _start_accepting(self):
-        if not self.accepting and self.listener is not None:
-            self.accepting = True
-            self.reactor.register(self.listener, READ, _Listener(self))
-
-    def _stop_accepting(self):
-        if self.accepting:
-            self.accepting = False
-            self.reactor.unregister(self.listener)
-
-    def accept_ready(self):
-        for _ in range(ACCEPT_PER_EVENT):
-            try:
-                sock, peer = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                # Out of file descriptors: the listener stays readable, so pause
-                # instead of spinning, and say so once per pause.
-                log.warning("accept failed: %s; pausing accepts for %.1f s", error, ACCEPT_RETRY_SECONDS)
-                self._stop_accepting()
-                self._accept_retry = self.reactor.call_later(ACCEPT_RETRY_SECONDS, self._resume_after_error)
-                return
-            self._open(sock, peer)
-            if len(self.conns) >= self.max_connections:
-                log.warning("max_connections (%d) reached: not accepting until a client leaves",
-                            self.max_connections)
-                self._stop_accepting()
-                return
-
-    def _resume_after_error(self):
-        self._accept_retry = None
-        if len(self.conns) < self.max_connections:
-            self._start_accepting()
+    @property
+    def accepting(self):
+        return self.listener.accepting
 
     def _open(self, sock, peer):
-        if self.accept_hook is not None and self.accept_hook(peer[:2]) is False:
-            self.stats.refused += 1
-            log.info("refused %s: not allowed by the accept rules", format_peer(peer))
-            sock.close()
-            return
+        if self.accept_hook is not None:
+            try:
+                allowed = self.accept_hook(peer[:2])
+            except Exception:
+                FAULTS.report("plugin pplex_accept", "deciding on %s; refusing it", format_peer(peer), logger=log)
+                allowed = False
+            if allowed is False:
+                self.stats.refused += 1
+                if self._verbose:
+                    log.info("refused %s: not allowed by the accept rules", format_peer(peer))
+                sock.close()
+                return
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         now = self.reactor.clock()
-        conn = Connection(self, sock, str(uuid_module.uuid4()), peer, now)
+        conn = self.client_class(self, sock, str(uuid_module.uuid4()), peer, now)
         self.conns[conn.uuid] = conn
-        self.reactor.register(sock, READ, conn)
+        conn.set_events(READ)
         self.stats.opened += 1
         if self.authenticate is not None:
             conn.authenticated = False
         if self.idle_timeout:
             conn.idle_timer = self.reactor.call_at(now + self.idle_timeout, self._idle_check, conn)
         if self._verbose:
-            log.info("open %s from %s", conn.uuid, format_peer(peer))
+            log.info("open %s from %s", conn.uuid, format_peer(peer), extra={"uuid": conn.uuid})
         if self.notify_opened is not None:
             self.notify_opened(conn)
 
@@ -164,16 +152,18 @@ class Proxy:
                 batch = up.batch
                 index = conn.merge_index
                 payload = batch[index]
-                if len(payload) + len(data) <= MERGE_LIMIT_BYTES:
+                if len(payload) + len(data) <= up.merge_limit:
                     if payload.__class__ is bytes:
                         payload = batch[index] = bytearray(payload)
                     payload += data
                     up.batch_bytes += len(data)
+                    if up.batch_bytes > limits.UPSTREAM_BATCH_HIGH:
+                        self._pause_reading(conn)
                     return
         try:
             messages = self.decode(conn, data)
         except FrameError as error:
-            self.close(conn, f"bad input: {error}")
+            self.close(conn, reasons.PROTOCOL_ERROR, f"bad input: {error}")
             return
         for payload in messages:
             if conn.closed:
@@ -194,6 +184,11 @@ class Proxy:
             self._hold(conn, payload)
             return
         up = self.balance(conn, payload, candidates)
+        if len(payload) > up.max_message_bytes:
+            self.close(conn, reasons.PROTOCOL_ERROR,
+                       f"a message of {len(payload)} bytes is above max_message_bytes "
+                       f"({up.max_message_bytes}) of upstream {up.id}")
+            return
         batch = up.batch
         conn.last_upstream = up
         if self.merges:
@@ -207,25 +202,28 @@ class Proxy:
         if not up.queued:
             up.queued = True
             self.dirty_upstreams.append(up)
-        if up.batch_bytes > HIGH_WATER_BYTES:
-            conn.pause_reading()
-            self.paused_clients.append(conn)
+        if up.batch_bytes > limits.UPSTREAM_BATCH_HIGH:
+            self._pause_reading(conn)
 
     def _new_stamp(self):
         self._stamp = rfc3339_now()
         return self._stamp
+
+    def _pause_reading(self, conn):
+        conn.pause_reading()
+        self.paused_clients[conn] = None
 
     def _authenticate(self, conn, payload):
         verdict = self.authenticate(conn, payload)
         if verdict is True:
             conn.authenticated = True
             if self._verbose:
-                log.info("authenticated %s", conn.uuid)
+                log.info("authenticated %s", conn.uuid, extra={"uuid": conn.uuid})
             if self.notify_authenticated is not None:
                 self.notify_authenticated(conn)
         elif verdict is False:
             self.stats.drop("auth_rejected")
-            self.close(conn, "authentication failed")
+            self.close(conn, reasons.AUTH_FAILED, "authentication failed")
 
     def _hold(self, conn, payload):
         if conn.waiting is None:
@@ -235,48 +233,96 @@ class Proxy:
         conn.waiting_bytes += len(payload)
         if conn.waiting_bytes > self.max_pending_bytes:
             self.stats.drop("max_pending_bytes", len(conn.waiting))
-            self.close(conn, f"more than max_pending_bytes ({self.max_pending_bytes}) waiting "
-                             "while no worker was ready")
+            conn.waiting = None  # counted here, not again as gone with the client
+            self.close(conn, reasons.NO_UPSTREAM, f"more than max_pending_bytes ({self.max_pending_bytes}) "
+                                                  "waiting while no worker was ready")
 
     def release_waiting(self):
         """Route messages held for want of a worker, each client's in its order."""
         for conn in list(self.waiting_clients):
             self.waiting_clients.pop(conn, None)
             held, conn.waiting, conn.waiting_bytes = conn.waiting, None, 0
-            while held and not conn.closed:
-                self.submit(conn, held.popleft())
-                conn.messages_in -= 1  # counted when it first arrived
-                if conn.waiting is not None:  # held again (no candidate): keep the rest behind it
-                    conn.waiting.extend(held)
-                    conn.waiting_bytes += sum(len(p) for p in held)
-                    break
+            try:
+                while held and not conn.closed:
+                    self.submit(conn, held.popleft())
+                    conn.messages_in -= 1  # counted when it first arrived
+                    if conn.waiting is not None:  # held again (no candidate): keep the rest behind it
+                        conn.waiting.extend(held)
+                        conn.waiting_bytes += sum(len(p) for p in held)
+                        break
+            except Exception:
+                self.failed(conn, "routing its held messages")
 
+    def reroute(self, batch):
+        """Route again the messages of a flat batch (a worker that left never took them); returns (routed, lost)."""
+        routed = lost = 0
+        conns = self.conns
+        for i in range(0, len(batch), 3):
+            conn = conns.get(batch[i])
+            if conn is None or conn.closed:
+                lost += 1
+                continue
+            conn.messages_in -= 1
+            try:
+                self.submit(conn, bytes(batch[i + 1]))
+            except Exception:
+                self.failed(conn, "re-routing its message")
+                continue
+            routed += 1
+        return routed, lost
+
+    # -- the end of a reactor pass: one offer per upstream, one write per client --------
     def _end_of_pass(self):
         self._stamp = None
         if self.dirty_upstreams:
             upstreams, self.dirty_upstreams = self.dirty_upstreams, []
             for up in upstreams:
                 up.queued = False
-                if up.batch and not up.blocked and up.state in ("ready", "draining"):
-                    if up.link.offer(up.batch):
+                if up.batch and not up.blocked and up.streaming:
+                    try:
+                        taken = up.link.offer(up.batch)
+                    except Exception:
+                        FAULTS.report("upstream offer", "offering a batch to upstream %s %s",
+                                      up.id, up.address, logger=log)
+                        self.upstreams.link_failed(up, "internal error while writing to its stream")
+                        continue
+                    if taken:
                         self.stats.batches += 1
                         up.batch = []
                         up.batch_bytes = 0
                     else:
                         up.blocked = True
-            if self.paused_clients:
-                self._resume_paused()
+        if self.paused_clients:
+            self._resume_paused()
         if self.dirty_clients:
             clients, self.dirty_clients = self.dirty_clients, []
             for conn in clients:
-                conn.flush()
+                try:
+                    conn.flush()
+                except Exception:
+                    FAULTS.report("client flush", "writing to client %s", conn.uuid, logger=log)
+                    self._close_quietly(conn, reasons.INTERNAL_ERROR, "internal error while writing to it")
+        if self.client_output_bytes > self.output_budget:
+            if not self.replies_paused:
+                self.replies_paused = True
+                _limited.warning(log, "output_budget",
+                                 "clients have %d unread bytes, above output_budget (%d): taking no more "
+                                 "replies from workers until half of it is written",
+                                 self.client_output_bytes, self.output_budget)
+                self.stats.backpressure_episodes += 1
+                self.upstreams.pause_replies()
+        elif self.replies_paused and self.client_output_bytes <= self.output_budget // 2:
+            self.replies_paused = False
+            self.upstreams.resume_replies()
 
     def _resume_paused(self):
-        still = []
+        still = {}
         for conn in self.paused_clients:
             up = conn.last_upstream
-            if up is not None and up.batch_bytes > HIGH_WATER_BYTES // 2:
-                still.append(conn)
+            if conn.closed:
+                continue
+            if up is not None and up.streaming and up.batch_bytes > limits.UPSTREAM_BATCH_HIGH // 2:
+                still[conn] = None
             else:
                 conn.resume_reading()
         self.paused_clients = still
@@ -288,22 +334,37 @@ class Proxy:
             self.stats.drop("unknown_uuid")
             self.stats.note_unknown(client_uuid, log)
             return
-        conn.send(self.encode(payload))
+        try:
+            data = self.encode(payload)
+        except Exception:
+            # The framing plugin cannot encode it (e.g. too long for its length prefix):
+            # this reply is dropped and counted; the client and every other reply go on.
+            self.stats.drop("reply_not_encodable")
+            FAULTS.report("plugin framing encode", "encoding a %d-byte reply for client %s; dropped",
+                          len(payload), client_uuid, logger=log)
+            return
+        conn.send(data)
 
     def on_broadcast(self, link, kind, payload):
-        targets = self.broadcast(kind, self.conns.values(), self.reactor.clock())
-        if targets is None:
-            self.on_bad_message(link, f"unknown broadcast value {kind}")
-            return
-        self.stats.broadcasts += 1
-        data = self.encode(payload)
-        for conn in targets:
-            conn.send(data)
+        try:
+            targets = self.broadcast(kind, self.conns.values(), self.reactor.clock())
+            if targets is None:
+                self.on_bad_message(link, f"unknown broadcast value {kind}")
+                return
+            data = self.encode(payload)
+            self.stats.broadcasts += 1
+            for conn in targets:
+                conn.send(data)
+        except Exception:
+            self.stats.drop("broadcast_failed")
+            FAULTS.report("plugin broadcast", "delivering a %d-byte %s broadcast; dropped", len(payload),
+                          BROADCAST_NAMES.get(kind, kind), logger=log)
 
     def on_bad_message(self, link, reason):
         up = self.upstreams.by_link.get(link)
         self.stats.drop("bad_worker_message")
-        log.warning("upstream %s sent a message pplex cannot deliver: %s", up.address if up else "?", reason)
+        _limited.warning(log, ("bad_message", link), "upstream %s sent a message pplex cannot deliver: %s",
+                         up.address if up else "?", reason)
 
     def on_drained(self, link):
         up = self.upstreams.by_link.get(link)
@@ -323,53 +384,94 @@ class Proxy:
     def on_stream_closed(self, link, detail):
         self.upstreams.on_stream_closed(link, detail)
 
+    def on_goaway(self, link, detail):
+        self.upstreams.on_goaway(link, detail)
+
     # -- upstream changes ------------------------------------------------------
     def upstream_ready(self, upstream):
         if self.waiting_clients:
             self.release_waiting()
 
-    def upstream_lost(self, upstream, unsent, unconfirmed):
-        """Route again what the lost worker never wrote; count what it may not have read."""
+    def upstream_lost(self, upstream, unsent, unconfirmed, resend=()):
+        """Route again what the lost worker never wrote (and, with redeliver_unconfirmed, what it
+        may not have read: `resend`); count what is left unconfirmed."""
         if unconfirmed:
             self.stats.unconfirmed += unconfirmed
             log.warning("upstream %s: %d message(s) written to its stream before it broke are "
-                        "unconfirmed (at-most-once)", upstream.address, unconfirmed)
-        if not unsent:
-            return
-        rerouted = lost = 0
-        for i in range(0, len(unsent), 3):
-            conn = self.conns.get(unsent[i])
-            if conn is None:
-                lost += 1
-                continue
-            conn.messages_in -= 1
-            self.submit(conn, bytes(unsent[i + 1]))
-            rerouted += 1
-        self.stats.rerouted += rerouted
-        if lost:
-            self.stats.drop("client_gone", lost)
-        log.info("upstream %s: re-routed %d unsent message(s)%s", upstream.address, rerouted,
-                 f", {lost} for clients already gone" if lost else "")
+                        "unconfirmed (at-most-once)", upstream.address, unconfirmed,
+                        extra={"upstream": upstream.id})
+        if resend:
+            routed, lost = self.reroute(resend)
+            self.stats.redelivered += routed
+            if lost:
+                self.stats.drop("client_gone", lost)
+            log.warning("upstream %s: sent again %d message(s) it may not have read "
+                        "(redeliver_unconfirmed: at-least-once)", upstream.address, routed,
+                        extra={"upstream": upstream.id})
+        if unsent:
+            routed, lost = self.reroute(unsent)
+            self.stats.rerouted += routed
+            if lost:
+                self.stats.drop("client_gone", lost)
+            log.info("upstream %s: re-routed %d unsent message(s)%s", upstream.address, routed,
+                     f", {lost} for clients already gone" if lost else "", extra={"upstream": upstream.id})
+        if self.paused_clients:
+            self._resume_paused()
 
-    # -- closing -------------------------------------------------------------
+    # -- slow consumers (the client buffer's watermarks) ------------------------
+    def client_behind(self, conn):
+        """Its unread bytes passed client_buffer_high: it has slow_consumer_timeout to catch up."""
+        if conn.behind_timer is None and not conn.closed:
+            conn.behind_timer = self.reactor.call_later(self.slow_consumer_timeout, self._still_behind, conn)
+
+    def client_caught_up(self, conn):
+        if conn.behind_timer is not None:
+            conn.behind_timer.cancel()
+            conn.behind_timer = None
+
+    def _still_behind(self, conn):
+        conn.behind_timer = None
+        if not conn.closed:
+            self.close(conn, reasons.SLOW_CONSUMER,
+                       f"{conn.buffered()} bytes unread for {self.slow_consumer_timeout:g} s "
+                       f"(above client_buffer_high, {conn.write_high})", reset=True)
+
+    def client_overflow(self, conn):
+        self.close(conn, reasons.SLOW_CONSUMER,
+                   f"{conn.buffered()} bytes unread, above client_buffer_limit ({conn.write_limit})", reset=True)
+
+    # -- ending --------------------------------------------------------------
     def failed(self, conn, doing):
         """The pipeline edge: an unexpected error while serving one client closes that client."""
-        log.exception("internal error %s of client %s (plugins: %s); closing it", doing, conn.uuid,
-                      ", ".join(f"{slot}={name}" for slot, name in sorted(self.plugins.slot_owner.items())))
+        FAULTS.report("client pipeline", "%s of client %s (plugins: %s); closing it", doing, conn.uuid,
+                      ", ".join(f"{slot}={name}" for slot, name in sorted(self.plugins.slot_owner.items())),
+                      logger=log)
         self.stats.drop("internal_error")
-        self.close(conn, f"internal error {doing}")
+        self._close_quietly(conn, reasons.INTERNAL_ERROR, f"internal error {doing}")
 
-    # conn.eof: 0 open; LINGERING replies to its last messages may still come;
-    # FLUSHING the linger is over and it closes once its writes are out.
-    LINGERING, FLUSHING = 1, 2
+    def _close_quietly(self, conn, reason, detail):
+        try:
+            self.close(conn, reason, detail, reset=True)
+        except Exception:
+            FAULTS.report("client close", "closing client %s", conn.uuid, logger=log)
 
     def client_eof(self, conn):
         """The client half-closed: stop reading; replies still come for a moment, then close."""
-        conn.pause_reading()
-        conn.eof = self.LINGERING
-        conn.linger_timer = self.reactor.call_later(EOF_LINGER_SECONDS, self._eof_linger_over, conn)
+        self._finish(conn, reasons.CLIENT_CLOSED)
 
-    def _eof_linger_over(self, conn):
+    def _finish(self, conn, reason):
+        """Close `conn` without losing what is owed to it: stop reading it, let replies to what it
+        sent last arrive (eof_linger), write them while it reads, then close; give up with a reset
+        after eof_stall_timeout without progress."""
+        if conn.closed or conn.eof:
+            return
+        conn.pause_reading()
+        self.paused_clients.pop(conn, None)
+        conn.eof = self.LINGERING
+        conn.close_reason = reason
+        conn.linger_timer = self.reactor.call_later(self.eof_linger, self._linger_over, conn)
+
+    def _linger_over(self, conn):
         conn.linger_timer = None
         if conn.out:
             conn.flush()
@@ -377,14 +479,26 @@ class Proxy:
             return
         if conn.wbuf:
             conn.eof = self.FLUSHING
-            conn.linger_timer = self.reactor.call_later(
-                EOF_WRITE_GRACE_SECONDS, self.close, conn, "client closed; it read no more replies")
+            conn.linger_timer = self.reactor.call_later(self.eof_stall_timeout, self._flush_progress,
+                                                        conn, conn.buffered())
         else:
-            self.close(conn, "client closed")
+            self.close(conn, conn.close_reason)
+
+    def _flush_progress(self, conn, unread_before):
+        conn.linger_timer = None
+        if conn.closed:
+            return
+        unread = conn.buffered()
+        if unread and unread >= unread_before:
+            self.close(conn, reasons.SLOW_CONSUMER,
+                       f"it stopped reading after its half-close with {unread} bytes unread "
+                       f"for {self.eof_stall_timeout:g} s", reset=True)
+        else:
+            conn.linger_timer = self.reactor.call_later(self.eof_stall_timeout, self._flush_progress, conn, unread)
 
     def flushed_after_eof(self, conn):
         if conn.eof == self.FLUSHING:
-            self.close(conn, "client closed")
+            self.close(conn, conn.close_reason)
 
     def _idle_check(self, conn):
         conn.idle_timer = None
@@ -393,46 +507,93 @@ class Proxy:
         last = conn.last_read if conn.last_read is not None else conn.opened
         due = last + self.idle_timeout
         if self.reactor.clock() >= due:
-            self.close(conn, f"idle for {self.idle_timeout:g} s")
+            self.close(conn, reasons.IDLE_TIMEOUT, f"idle for {self.idle_timeout:g} s")
         else:
             conn.idle_timer = self.reactor.call_at(due, self._idle_check, conn)
 
-    def close(self, conn, reason):
+    def close(self, conn, reason, detail=None, reset=False):
+        """Close a client now. `reason`: a code of `pplex.reasons`; `detail`: words for the log.
+
+        Bytes it has not read yet are dropped, so the close is then a reset (RST),
+        never a clean FIN: the client can tell it lost data.
+        """
         if conn.closed:
             return
-        conn.closed = True
+        if reason not in reasons.REASONS:  # a plugin's own words (the hook API predates the codes)
+            reason, detail = reasons.CLOSED_BY_PLUGIN, reason
+        unread = conn.buffered() + (sum(map(len, conn.out)) if conn.out else 0)
         conn.close_reason = reason
-        if conn.events:
-            self.reactor.unregister(conn.sock)
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
+        conn.out = None
+        conn.close_socket(reset=reset or unread > 0)
         self.conns.pop(conn.uuid, None)
         self.waiting_clients.pop(conn, None)
-        for timer in (conn.idle_timer, conn.linger_timer):
+        self.paused_clients.pop(conn, None)
+        for timer in (conn.idle_timer, conn.linger_timer, conn.behind_timer):
             if timer is not None:
                 timer.cancel()
-        conn.idle_timer = conn.linger_timer = None
+        conn.idle_timer = conn.linger_timer = conn.behind_timer = None
         conn.last_upstream = conn.merge_batch = None
-        self.stats.add_closed(conn)
-        if self._verbose:
-            log.info("close %s (%s) after %.1f s, %d B in, %d B out", conn.uuid, reason,
-                     self.reactor.clock() - conn.opened, conn.bytes_in, conn.bytes_out)
+        if conn.waiting:
+            self.stats.drop(reason if reason == reasons.SHUTDOWN else "client_gone", len(conn.waiting))
+        conn.waiting = None
+        self.stats.add_closed(conn, reason)
+        if self._verbose or reason == reasons.SLOW_CONSUMER:
+            log.log(logging.WARNING if reason == reasons.SLOW_CONSUMER else logging.INFO,
+                    "close %s (%s%s) after %.1f s, %d B in, %d B out%s", conn.uuid, reason,
+                    f": {detail}" if detail else "", self.reactor.clock() - conn.opened, conn.bytes_in,
+                    conn.bytes_out, f", {unread} B unread dropped (reset)" if unread else "",
+                    extra={"uuid": conn.uuid, "reason": reason})
         if self.notify_closed is not None:
-            self.notify_closed(conn, reason)
-        if not self.accepting and self._accept_retry is None and len(self.conns) < self.max_connections:
-            self._start_accepting()
+            self.notify_closed(conn, f"{reason}: {detail}" if detail else reason)
+        self.listener.client_left()
+        if self.shutting_down and not self.conns:
+            self._shutdown_finished()
+
+    # -- shutdown --------------------------------------------------------------
+    def begin_shutdown(self, on_done):
+        """Stop accepting, then close every client spread over shutdown_spread seconds, each
+        without losing what is in flight to it (see `_finish`); call `on_done()` when all are gone
+        (at the latest shutdown_spread + shutdown_grace seconds from now)."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        self._on_shutdown_done = on_done
+        self.listener.close()
+        conns = list(self.conns.values())
+        log.info("shutting down: not accepting; closing %d client(s) over %g s (then at most %g s "
+                 "more for what is in flight)", len(conns), self.shutdown_spread, self.shutdown_grace)
+        if not conns:
+            self.reactor.call_soon(self._shutdown_finished)
+            return
+        random.shuffle(conns)
+        count = len(conns)
+        step = self.shutdown_spread / count
+        for index, conn in enumerate(conns):
+            # Evenly spread, each with a jitter inside its own slot.
+            self.reactor.call_later(step * (index + random.random()), self._shutdown_client, conn)
+        self.reactor.call_later(self.shutdown_spread + self.shutdown_grace, self._shutdown_deadline)
+
+    def _shutdown_client(self, conn):
+        if not conn.closed:
+            self._finish(conn, reasons.SHUTDOWN)
+
+    def _shutdown_deadline(self):
+        for conn in list(self.conns.values()):
+            self.close(conn, reasons.SHUTDOWN, f"shutdown_grace ({self.shutdown_grace:g} s) is over")
+
+    def _shutdown_finished(self):
+        done, self._on_shutdown_done = self._on_shutdown_done, None
+        if done is not None:
+            done()
 
     def shutdown(self):
-        self._stop_accepting()
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+        """Close everything now (the second SIGTERM, or after a graceful shutdown)."""
+        self.listener.close()
+        self._on_shutdown_done = None
         for conn in list(self.conns.values()):
             if conn.out:
                 conn.flush()
-            self.close(conn, "pplex shutting down")
+            self.close(conn, reasons.SHUTDOWN)
         self.upstreams.close()
 
     # -- views for the admin API and plugins -----------------------------------
@@ -440,18 +601,8 @@ class Proxy:
         return {
             "uuid": conn.uuid, "remote": format_peer(conn.peer), "bytes_in": conn.bytes_in,
             "bytes_out": conn.bytes_out, "messages_in": conn.messages_in,
-            "messages_out": conn.messages_out,
+            "messages_out": conn.messages_out, "unread_bytes": conn.buffered(),
             "worker": conn.last_upstream.id if conn.last_upstream is not None else None,
             "age": round(now - conn.opened, 3),
             "active": conn.is_active(now, self.active_window),
         }
-
-
-class _Listener:
-    __slots__ = ("proxy",)
-
-    def __init__(self, proxy):
-        self.proxy = proxy
-
-    def on_readable(self):
-        self.proxy.accept_ready()

@@ -17,6 +17,9 @@ import socket
 import threading
 import time
 
+from pplex import limits
+from pplex.logs import FAULTS
+
 log = logging.getLogger("pplex.reactor")
 
 READ = selectors.EVENT_READ
@@ -76,6 +79,7 @@ class Reactor:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._wake_pending = False
+        self._threadsafe_left = False   # the last drain stopped at its per-pass bound
         self._selector.register(self._wake_r, READ, _WakeHandler(self))
 
     # -- sockets -------------------------------------------------------------
@@ -152,13 +156,21 @@ class Reactor:
         try:
             while self._running:
                 timeout = MAX_SELECT_SECONDS
-                if self._soon:
+                if self._soon or self._threadsafe_left:
                     timeout = 0
                 elif self._timers:
                     timers = self._timers
                     head = timers[0]
                     timeout = min(max(head.when - clock(), 0), MAX_SELECT_SECONDS)
-                for key, mask in select(timeout):
+                try:
+                    ready = select(timeout)
+                except (OSError, ValueError):
+                    # A socket closed under the selector; its owner unregisters it. Never end the loop.
+                    FAULTS.report("reactor select", "select() failed", logger=log)
+                    ready = ()
+                if self._threadsafe_left:
+                    self._drain_threadsafe()
+                for key, mask in ready:
                     handler = key.data
                     try:
                         if mask & READ:
@@ -202,16 +214,19 @@ class Reactor:
     def _drain_threadsafe(self):
         self._wake_pending = False  # before draining: a call appended later re-arms the wake byte
         queue = self._threadsafe
-        # These are per message (worker replies): time the whole drain, not each call.
+        # These may be per message: time the whole drain, not each call; and run at most
+        # a bounded number per pass, so sockets and timers are served between floods.
         start = self.clock()
         count = 0
-        while queue:
+        bound = limits.THREADSAFE_CALLS_PER_PASS
+        while queue and count < bound:
             fn, args = queue.popleft()
             count += 1
             try:
                 fn(*args)
             except Exception:
                 self._report(fn, "callback")
+        self._threadsafe_left = bool(queue)
         took = self.clock() - start
         if took > SLOW_CALLBACK_SECONDS:
             log.warning("%d queued calls held the loop for %.3f s", count, took)
@@ -227,7 +242,7 @@ class Reactor:
             log.warning("slow callback %r held the loop for %.3f s", fn, took)
 
     def _report(self, what, where):
-        log.exception("unhandled error in %s %r", where, what)
+        FAULTS.report("reactor " + where, "%r", what, logger=log)
 
     def close(self):
         self._selector.close()

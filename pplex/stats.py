@@ -1,7 +1,8 @@
 """Counters of what the proxy did, kept as plain integers on the reactor thread.
 
 Cheap to bump on the per-message path (an attribute add), read by the admin
-API and the metrics exporter. Drops are counted by reason, never silent.
+API and the metrics exporter. Drops are counted by reason and closes by their
+code (`pplex.reasons`), never silent.
 """
 import time
 
@@ -10,6 +11,7 @@ UNKNOWN_LOG_INTERVAL = 1.0  # seconds between log lines about replies to unknown
 
 class Stats:
     def __init__(self):
+        self.started = time.time()
         self.opened = 0
         self.closed = 0
         self.refused = 0
@@ -19,8 +21,11 @@ class Stats:
         self.batches = 0
         self.broadcasts = 0
         self.rerouted = 0
+        self.redelivered = 0
         self.unconfirmed = 0
+        self.backpressure_episodes = 0
         self.drops = {}
+        self.closes = {}   # reason code -> connections closed for it
         self._unknown_logged_at = 0.0
         self._unknown_since_log = 0
 
@@ -37,17 +42,18 @@ class Stats:
             self._unknown_logged_at = now
             self._unknown_since_log = 0
 
-    def add_closed(self, conn):
+    def add_closed(self, conn, reason):
         self.closed += 1
+        self.closes[reason] = self.closes.get(reason, 0) + 1
         self.bytes_in += conn.bytes_in
         self.bytes_out += conn.bytes_out
         self.messages_in += conn.messages_in
         self.messages_out += conn.messages_out
 
-    def snapshot(self, conns):
+    def snapshot(self, conns, extra=None):
         """Every counter, open connections included (`conns`: the open ones)."""
         conns = list(conns)
-        return {
+        snap = {
             "connections_open": len(conns), "connections_opened": self.opened,
             "connections_closed": self.closed, "connections_refused": self.refused,
             "messages_in": self.messages_in + sum(c.messages_in for c in conns),
@@ -55,5 +61,11 @@ class Stats:
             "bytes_in": self.bytes_in + sum(c.bytes_in for c in conns),
             "bytes_out": self.bytes_out + sum(c.bytes_out for c in conns),
             "batches": self.batches, "broadcasts": self.broadcasts, "rerouted": self.rerouted,
-            "unconfirmed": self.unconfirmed, "drops": dict(self.drops),
+            "redelivered": self.redelivered, "unconfirmed": self.unconfirmed,
+            "backpressure_episodes": self.backpressure_episodes,
+            "drops": dict(self.drops), "closes": dict(self.closes),
+            "uptime_seconds": round(time.time() - self.started, 3),
         }
+        if extra:
+            snap.update(extra)
+        return snap

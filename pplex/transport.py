@@ -15,7 +15,13 @@ building one costs three appends per message and no tuple.
 
 
 class Link:
-    """One worker, as seen by the core. Every method is called on the reactor thread."""
+    """One worker, as seen by the core. Every method is called on the reactor thread.
+
+    `keep_unconfirmed` (set by the core): keep a copy of what was written after the
+    worker's last message, for `stop_stream` to hand back (`server.redeliver_unconfirmed`).
+    """
+
+    keep_unconfirmed = False
 
     def probe_ready(self, timeout):
         """Ask the worker whether it is ready; answer with `events.on_ready(link, ok, detail)`.
@@ -44,24 +50,52 @@ class Link:
         """Send a liveness heartbeat every `interval` seconds; answer each with `events.on_live`."""
         raise NotImplementedError
 
-    def unanswered(self):
-        """Messages given to the stream and not yet followed by any message from the worker.
+    def progress(self):
+        """Messages written to the data stream so far (a count that only grows).
 
-        Zero means the worker has spoken since it read the last message
-        written: what draining waits for before it removes a worker.
+        With `backlog`, how the stall check (`upstream.stall_timeout`) tells a
+        stream that takes nothing while messages wait.
         """
+        raise NotImplementedError
+
+    def backlog(self):
+        """Messages offered to the link and not yet written to the stream."""
+        raise NotImplementedError
+
+    def unanswered(self):
+        """Messages in flight: offered and not yet followed by any message from the worker
+        (the backlog, plus those written after its latest message). For balancing plugins."""
         raise NotImplementedError
 
     def stop_live(self):
         """Stop the heartbeat; no more `on_live` for it."""
         raise NotImplementedError
 
+    def close_send(self):
+        """Half-close the data stream once everything offered so far is written (draining:
+        the gRPC way of saying "no more from me"). The worker ends the stream when it is
+        done, reported by `events.on_stream_closed`. No `offer` follows."""
+        raise NotImplementedError
+
+    def pause_replies(self):
+        """Take no more messages from the worker for now (clients are behind: `output_budget`).
+
+        The stream's flow control then pushes back on the worker; heartbeats go on.
+        """
+        raise NotImplementedError
+
+    def resume_replies(self):
+        raise NotImplementedError
+
     def stop_stream(self):
-        """End the data stream (if open) and return `(unsent, unconfirmed)`.
+        """End the data stream (if open) and return `(unsent, unconfirmed, resend)`.
 
         `unsent`: a batch of the messages it was given and never wrote, which
         the caller may route elsewhere. `unconfirmed`: how many it wrote after
         the worker's last message, which cannot be known to have been read.
+        `resend`: when `keep_unconfirmed` is set, those unconfirmed messages
+        themselves as a batch (the oldest may be missing past
+        `limits.REDELIVER_KEEP_BYTES`); else empty.
         """
         raise NotImplementedError
 
@@ -93,6 +127,10 @@ class LinkEvents:
 
     def on_live(self, link, ok, detail):
         """One heartbeat's outcome: ok is False for live=false, a deadline or a broken stream."""
+
+    def on_goaway(self, link, detail):
+        """The worker is stopping gracefully (HTTP/2 GOAWAY with no error): its open streams
+        go on for a grace period, new calls are refused. The core drains it."""
 
 
 class Transport:

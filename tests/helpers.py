@@ -154,13 +154,18 @@ class PplexProcess:
                         timeout, message=f"{count} ready upstream(s); log:\n{self.log()[-3000:]}")
 
     def stop(self):
+        """SIGTERM (a graceful stop), then a second one (stop at once) if it is still closing clients."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(5)
+                self.proc.wait(0.3)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(5)
         self.proc.stdout.close()
         self.log_file.close()
 

@@ -204,7 +204,7 @@ def test_upstream_added_through_admin_api_takes_waiting_traffic(start_pplex, sta
      "upstream[1].port: port must be between 1 and 65535 (got 70000)"),
     ({"server": {"colour": "blue"}}, "server.colour: unknown key (got \"blue\")"),
     ({"upstream": [{"port": 5000}]}, "upstream[0].host: required key is missing"),
-    ({"server": {"idle_timeout": -1}}, "server.idle_timeout: must be at least 0 (got -1)"),
+    ({"server": {"idle_timeout": -1}}, "server.idle_timeout: must be at least 0 and at most 31536000 (got -1)"),
 ])
 def test_bad_config_exits_2_with_one_line_naming_the_path(tmp_path, config, path):
     config_path = tmp_path / "pplex.json"

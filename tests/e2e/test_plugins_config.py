@@ -109,13 +109,13 @@ def test_access_log_lines_for_a_connection_and_an_upstream(start_pplex, start_wo
     assert client.recv_line() == b"hello"
     local_port = client.sock.getsockname()[1]
     client.close()
-    wait_for(lambda: re.search(r"pplex\.access: close uuid=\S+ .*reason=\"client closed\"", pplex.log()),
+    wait_for(lambda: re.search(r"pplex\.access: close uuid=\S+ .*reason=\"client_closed\"", pplex.log()),
              message="the close line")
     log = pplex.log()
     opened = re.search(r"INFO pplex\.access: open uuid=(\S+) remote=127\.0\.0\.1:(\d+)", log)
     assert opened.group(2) == str(local_port)
     closed = re.search(r"INFO pplex\.access: close uuid=(\S+) remote=127\.0\.0\.1:(\d+) duration=([\d.]+)s "
-                       r"bytes_in=(\d+) bytes_out=(\d+) reason=\"client closed\"", log)
+                       r"bytes_in=(\d+) bytes_out=(\d+) reason=\"client_closed\"", log)
     assert closed.group(1) == opened.group(1) and closed.group(2) == opened.group(2)
     assert (closed.group(4), closed.group(5)) == ("6", "6")
     assert f"pplex.access: upstream added id=u1 address=127.0.0.1:{worker.port}" in log

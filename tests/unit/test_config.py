@@ -3,23 +3,82 @@ import os
 
 import pytest
 
+from pplex import limits
 from pplex.config import SCHEMA, load_file, parse_address, validate
 from pplex.errors import ConfigError
 from tests.helpers import ROOT
 
 
-def test_defaults_fill_every_section():
+def test_defaults_fill_every_section_from_the_limits_table():
     config = validate({})
-    assert config["server"] == {"host": "0.0.0.0", "port": 7999, "idle_timeout": 0, "active_window": 30,
-                                "max_pending_bytes": 1048576, "max_connections": 100000}
-    assert config["management_server"] == {"host": "127.0.0.1", "port": 8000}
+    server_settings = {s.key: s.default for s in limits.SETTINGS if s.section == "server"}
+    assert config["server"] == {"host": "0.0.0.0", "port": 7999, "redeliver_unconfirmed": False, **server_settings}
+    assert config["server"]["max_connections"] == 100000 and config["server"]["idle_timeout"] == 0
+    assert config["management_server"] == {"host": "127.0.0.1", "port": 8000, "max_body_bytes": 65536,
+                                           "threads": 4}
     assert config["upstream"] == [] and config["plugins"] == {}
 
 
 def test_upstream_timeouts_default_and_dns_names_are_hosts():
     config = validate({"upstream": [{"host": "worker-1.internal", "port": 50051}]})
-    assert config["upstream"] == [{"host": "worker-1.internal", "port": 50051,
-                                   "alive_timeout": 30, "ready_timeout": 5}]
+    [upstream] = config["upstream"]
+    assert upstream["host"] == "worker-1.internal" and upstream["port"] == 50051
+    assert upstream["alive_timeout"] == 30 and upstream["ready_timeout"] == 5
+    assert upstream["max_message_bytes"] == 4 * 1024 * 1024
+
+
+def test_every_setting_is_documented_with_a_range_that_holds_its_default():
+    for setting in limits.SETTINGS:
+        assert setting.why and setting.unit
+        assert setting(setting.default) == setting.default, setting.path
+        with pytest.raises(Exception):
+            setting(setting.high * 2 + 1)
+
+
+def test_settings_that_must_agree_name_the_one_to_change():
+    with pytest.raises(ConfigError, match=r"^pplex.json: server.client_buffer_low: must not be above"):
+        validate({"server": {"client_buffer_low": 2_000_000, "client_buffer_high": 1_000_000}}, "pplex.json")
+    with pytest.raises(ConfigError, match=r"^pplex.json: upstream\[0\].max_message_bytes: must not be above "
+                                          r"server.client_buffer_limit"):
+        validate({"server": {"client_buffer_limit": 1_000_000},
+                  "upstream": [{"host": "a", "port": 1, "max_message_bytes": 2_000_000}]}, "pplex.json")
+
+
+def test_the_original_config_toml_with_its_admin_tls_and_log_level_is_accepted(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    path = tmp_path / "config.toml"
+    path.write_text(f"""
+[server]
+host = "127.0.0.1"
+port = 7999
+
+[[upstream]]
+host = "127.0.0.1"
+port = 45888
+alive_timeout = 60
+
+[management_server]
+host = "127.0.0.1"
+port = 8000
+log_level = "normal"
+
+[management_server.tls]
+cert_path = "{cert}"
+key_path = "{key}"
+""")
+    config = validate(load_file(str(path)), str(path))
+    assert config["management_server"]["log_level"] == "normal"
+    assert config["management_server"]["tls"] == {"cert_path": str(cert), "key_path": str(key)}
+    assert config["upstream"][0]["alive_timeout"] == 60
+    # The other spelling of the TLS table, and a missing certificate file named by its path.
+    raw = load_file(str(path))
+    raw["management_server_tls"] = raw["management_server"].pop("tls")
+    assert validate(raw, "c")["management_server"]["tls"]["key_path"] == str(key)
+    raw["management_server_tls"]["key_path"] = str(tmp_path / "missing.pem")
+    with pytest.raises(ConfigError, match=r"^c: management_server.tls.key_path: cannot read .*missing.pem"):
+        validate(raw, "c")
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -443,8 +443,8 @@ def test_reply_split_across_frames_then_many_in_one_frame_then_error_trailers(se
     replies = [e[2] for e in log if e[0] == "reply"]
     assert replies == [b"A" * 1000] + [b"%d" % i for i in range(50)]
     assert log[-1] == ("closed", "UNAVAILABLE: going away \u2713")
-    assert link.unanswered() == 0
-    assert link.stop_stream() == ([], 0)
+    assert link.backlog() == 0 and link.progress() == 1
+    assert link.stop_stream() == ([], 0, [])
 
 
 def test_data_stream_bypasses_h2_and_gives_its_window_back(setup, monkeypatch):
@@ -492,7 +492,7 @@ def test_a_whole_batch_goes_out_in_one_data_frame(setup):
     run_until(reactor, lambda: len(events.kinds("reply")) == 100)
     assert len(frames) == 1
     assert [e[1:] for e in events.kinds("reply")] == [(f"c{i}", b"payload %d" % i) for i in range(100)]
-    assert link.unanswered() == 0
+    assert link.backlog() == 0 and link.progress() == 100
 
 
 def test_flow_control_keeps_the_rest_refuses_offers_then_drains(setup):
@@ -524,10 +524,24 @@ def test_stop_stream_takes_back_what_the_windows_kept(setup):
         batch += [f"c{i}", b"x" * 50, "t"]
     assert offer(link, events, batch) is True
     run_until(reactor, lambda: len(worker.data_bodies()) > 0)
-    unanswered = link.unanswered()
-    unsent, unconfirmed = link.stop_stream()
-    assert unconfirmed > 0 and len(unsent) // 3 + unconfirmed == 100 == unanswered
+    assert link.progress() + link.backlog() == 100 and link.backlog() > 0
+    unsent, unconfirmed, resend = link.stop_stream()
+    assert unconfirmed > 0 and len(unsent) // 3 + unconfirmed == 100 and resend == []
     assert unsent[:3] == [f"c{unconfirmed}", b"x" * 50, "t"]  # in order, right after the written ones
+
+
+def test_stop_stream_hands_back_the_unconfirmed_ones_when_asked_to_keep_them(setup):
+    worker, reactor, link, events = setup(settings={SettingCodes.INITIAL_WINDOW_SIZE: 1000}, acknowledge=False)
+    link.keep_unconfirmed = True
+    make_ready(reactor, link, events)
+    batch = []
+    for i in range(100):
+        batch += [f"c{i}", b"x" * 50, "t"]
+    assert offer(link, events, batch) is True
+    run_until(reactor, lambda: len(worker.data_bodies()) > 0)
+    unsent, unconfirmed, resend = link.stop_stream()
+    assert unconfirmed == 0 and len(resend) // 3 + len(unsent) // 3 == 100
+    assert resend + unsent == batch  # every message once, in order: written-unconfirmed, then unsent
 
 
 def test_ready_false_and_trailers_only_error_and_deadline(setup):

@@ -36,9 +36,9 @@ class FakeProxy:
         self.merges = merges
         self.closed = []
 
-    def close(self, conn, reason):
+    def close(self, conn, reason, detail=None):
         conn.closed = True
-        self.closed.append((conn, reason))
+        self.closed.append((conn, reason, detail))
 
 
 class Conn:
@@ -127,7 +127,7 @@ def test_no_token_before_the_deadline_closes_the_client():
     conn = Conn()
     plugins.notifier("pplex_connection_opened")(conn)
     reactor.timers[0].fire()
-    assert proxy.closed == [(conn, "no token within 0.5 s")]
+    assert proxy.closed == [(conn, "auth_failed", "no token within 0.5 s")]
 
 
 def test_closing_cancels_the_deadline():

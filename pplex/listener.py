@@ -1,0 +1,123 @@
+"""The client listener: the listening socket, accepting, and the limits at the front door.
+
+Owns the socket clients connect to, its socket options (TCP keepalive and
+TCP_NODELAY are set once on the listener: Linux copies them to every accepted
+socket, so an accept costs no extra system call), the accept loop (bounded
+per readiness event), the `max_connections` limit, and what happens when
+the process runs out of file descriptors: accepting pauses and resumes by
+itself, logged once per episode, never a busy loop. Each accepted socket is
+handed to `on_accept(sock, peer)`; what becomes of it is the proxy's business.
+"""
+import logging
+import socket
+
+from pplex import limits
+from pplex.connection import format_peer
+from pplex.reactor import READ
+
+log = logging.getLogger("pplex.listener")
+
+
+class Listener:
+    """Accepts clients on one address while `accepting`; every method runs on the reactor thread."""
+
+    def __init__(self, reactor, on_accept, max_connections, count_open, keepalive=(60, 10, 6)):
+        self.reactor = reactor
+        self.on_accept = on_accept
+        self.max_connections = max_connections
+        self.count_open = count_open      # () -> open client connections
+        self.keepalive = keepalive        # (idle s, interval s, probes); idle 0: off
+        self.sock = None
+        self.accepting = False
+        self.stopped = False
+        self._retry = None
+        self._full_logged = False
+        self._error_episode = False
+
+    def listen(self, host, port, backlog=1024):
+        """Bind and listen; return the bound (host, port). Raises OSError naming the address."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        if family == socket.AF_INET and not host.replace(".", "").isdigit():
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            idle, interval, count = self.keepalive
+            if idle:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+            sock.bind((host, port))
+        except OSError as error:
+            sock.close()
+            raise OSError(error.errno, f"cannot listen on {format_peer((host, port))}: {error.strerror}") from None
+        sock.listen(backlog)
+        sock.setblocking(False)
+        self.sock = sock
+        self.start()
+        return sock.getsockname()[:2]
+
+    # -- accepting -------------------------------------------------------------
+    def start(self):
+        if not self.accepting and not self.stopped and self.sock is not None and self._retry is None:
+            self.accepting = True
+            self.reactor.register(self.sock, READ, self)
+
+    def pause(self):
+        if self.accepting:
+            self.accepting = False
+            self.reactor.unregister(self.sock)
+
+    def on_readable(self):
+        for _ in range(limits.ACCEPT_PER_EVENT):
+            if self.count_open() >= self.max_connections:
+                if not self._full_logged:
+                    self._full_logged = True
+                    log.warning("max_connections (%d) reached: not accepting until a client leaves",
+                                self.max_connections)
+                self.pause()
+                return
+            try:
+                sock, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                # Out of file descriptors (EMFILE/ENFILE) or memory: the listener stays
+                # readable, so pause instead of spinning, and say so once per episode.
+                if not self._error_episode:
+                    self._error_episode = True
+                    log.warning("accept failed: %s; pausing accepts (retrying every %.2f s, "
+                                "logged again once it works)", error.strerror or error,
+                                limits.ACCEPT_RETRY_SECONDS)
+                self.pause()
+                self._retry = self.reactor.call_later(limits.ACCEPT_RETRY_SECONDS, self._retry_now)
+                return
+            if self._error_episode:
+                self._error_episode = False
+                log.warning("accepting again after the accept errors")
+            self.on_accept(sock, peer)
+
+    def _retry_now(self):
+        self._retry = None
+        self.start()
+
+    def client_left(self):
+        """A client closed: accept again if the limit had stopped us."""
+        if not self.accepting and self.count_open() < self.max_connections:
+            if self._full_logged:
+                self._full_logged = False
+                log.info("below max_connections again: accepting")
+            self.start()
+
+    def close(self):
+        """Stop accepting for good and close the listening socket (new connects are refused)."""
+        self.stopped = True
+        self.pause()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
