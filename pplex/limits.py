@@ -44,8 +44,8 @@ class Setting:
         return f"{self.section}.{self.key}"
 
     def range_text(self):
-        low = f"greater than {self.low:g}" if self.low_open else f"at least {self.low:g}"
-        return f"{low} and at most {self.high:g}"
+        low = f"greater than {_number(self.low)}" if self.low_open else f"at least {_number(self.low)}"
+        return f"{low} and at most {_number(self.high)}"
 
     def __call__(self, value):
         """The voluptuous validator: the value, or `vol.Invalid` with a one-line reason."""
@@ -64,6 +64,11 @@ class Setting:
 
 
 SETTINGS = []
+
+
+def _number(value):
+    """A range bound as a person writes it: 31536000, not 3.1536e+07; 0.5 stays 0.5."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def setting(section, key, default, unit, low, high, why, integer=False, low_open=False):
