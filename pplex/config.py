@@ -11,7 +11,7 @@ import tomllib
 
 import voluptuous as vol
 
-from pplex import limits
+from pplex import limits, proxyproto
 from pplex.errors import ConfigError
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
@@ -50,6 +50,9 @@ UPSTREAM = {
 SERVER = {
     vol.Optional("host", default="0.0.0.0"): Host,
     vol.Optional("port", default=7999): _port(0),  # 0: any free port (tests)
+    # PROXY protocol header before each client's bytes: off, v1, v2 or any; only from these networks
+    vol.Optional("proxy_protocol", default="off"): proxyproto.mode,
+    vol.Optional("proxy_protocol_from", default=list): proxyproto.cidr_list,
     **limits.section_schema("server"),
 }
 
@@ -76,7 +79,7 @@ def _plugins(value):
 
 
 SCHEMA = vol.Schema({
-    vol.Optional("server", default={}): SERVER,
+    vol.Optional("server", default={}): vol.All(SERVER, proxyproto.check_server),
     vol.Optional("upstream", default=[]): [UPSTREAM],
     vol.Optional("management_server", default={}): MANAGEMENT,
     vol.Optional("plugins", default={}): _plugins,

@@ -97,6 +97,10 @@ MAX_PENDING_BYTES = setting(
 MAX_CONNECTIONS = setting(
     "server", "max_connections", 100_000, "connections", 1, 10_000_000,
     "open client connections; pplex stops accepting at the limit and resumes below it", integer=True)
+PROXY_PROTOCOL_TIMEOUT = setting(
+    "server", "proxy_protocol_timeout", 5, "s", 0, 300,
+    "a client must send its whole PROXY header within this (the spec asks for at least 3 s, a TCP "
+    "retransmit); past it, it is closed", low_open=True)
 
 
 # -- upstream: each worker ---------------------------------------------------------------------

@@ -11,7 +11,8 @@ from tests.helpers import ROOT
 def test_defaults_fill_every_section():
     config = validate({})
     assert config["server"] == {"host": "0.0.0.0", "port": 7999, "idle_timeout": 0, "active_window": 30,
-                                "max_pending_bytes": 1048576, "max_connections": 100000}
+                                "max_pending_bytes": 1048576, "max_connections": 100000,
+                                "proxy_protocol": "off", "proxy_protocol_from": [], "proxy_protocol_timeout": 5}
     assert config["management_server"] == {"host": "127.0.0.1", "port": 8000}
     assert config["upstream"] == [] and config["plugins"] == {}
 
