@@ -5,51 +5,16 @@ InputStreamRequests (messages and lifecycle events) and reads the
 OutputStreamRequests the worker sends back.
 """
 import logging
-import queue
-import threading
 
 import grpc
 import pytest
 from google.protobuf import empty_pb2
 
-from pplex._proto import upstream_pb2, upstream_pb2_grpc
-from pplex.worker import (BROADCAST_ACTIVE, BROADCAST_ALL, CLOSE, CONNECTED, DISCONNECTED, JOIN, LEAVE, MESSAGE,
-                          SEND, EchoWorker, Group, Stream, Worker)
+from pplex._proto import upstream_pb2_grpc
+from pplex.worker import (BROADCAST_ACTIVE, BROADCAST_ALL, CLOSE, CONNECTED, DISCONNECTED, JOIN, LEAVE, SEND,
+                          EchoWorker, Group, Stream, Worker)
+from tests.datastream import TIMEOUT, DataStream, ready_of
 from tests.helpers import wait_for
-
-In = upstream_pb2.InputStreamRequest
-TIMEOUT = 5.0
-
-
-class DataStream:
-    """pplex's side of one data stream: send inputs, read outputs (with a deadline)."""
-
-    def __init__(self, port, node="node-1"):
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        stub = upstream_pb2_grpc.UpstreamPeerServiceStub(self.channel)
-        self.requests = queue.SimpleQueue()
-        self.outputs = queue.SimpleQueue()
-        metadata = [("pplex-node", node)] if node else None
-        self.call = stub.bidirectionalStreaming(iter(self.requests.get, None), metadata=metadata)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        try:
-            for out in self.call:
-                self.outputs.put(out)
-        except grpc.RpcError:
-            pass
-
-    def send(self, client_uuid, payload=b"", kind=MESSAGE, **metadata):
-        self.requests.put(In(time="2026-11-25T05:39:01.000000Z", client_uuid=client_uuid, payload=payload,
-                             kind=kind, metadata=metadata))
-
-    def next(self, timeout=TIMEOUT):
-        return self.outputs.get(timeout=timeout)
-
-    def close(self):
-        self.requests.put(None)
-        self.channel.close()
 
 
 @pytest.fixture
@@ -80,14 +45,6 @@ def streams():
         stream.close()
 
 
-def ready_of(worker):
-    channel = grpc.insecure_channel(f"127.0.0.1:{worker.port}")
-    try:
-        return upstream_pb2_grpc.UpstreamPeerServiceStub(channel).ready(empty_pb2.Empty(), timeout=TIMEOUT)
-    finally:
-        channel.close()
-
-
 class Recorder(Worker):
     def __init__(self):
         super().__init__()
@@ -112,9 +69,9 @@ class OnlyDisconnected(EchoWorker):
 
 
 def test_ready_announces_lifecycle_only_when_a_lifecycle_method_is_overridden(serve):
-    assert list(ready_of(serve(EchoWorker())).features) == []
-    assert list(ready_of(serve(Recorder())).features) == ["lifecycle"]
-    answer = ready_of(serve(OnlyDisconnected()))
+    assert list(ready_of(serve(EchoWorker()).port).features) == []
+    assert list(ready_of(serve(Recorder()).port).features) == ["lifecycle"]
+    answer = ready_of(serve(OnlyDisconnected()).port)
     assert answer.ready and list(answer.features) == ["lifecycle"]
 
 
@@ -262,7 +219,7 @@ class Unwell(EchoWorker):
 
 def test_health_checks_that_raise_answer_false(serve):
     worker = serve(Unwell())
-    assert ready_of(worker).ready is False
+    assert ready_of(worker.port).ready is False
     channel = grpc.insecure_channel(f"127.0.0.1:{worker.port}")
     try:
         stub = upstream_pb2_grpc.UpstreamPeerServiceStub(channel)
