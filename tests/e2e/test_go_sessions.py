@@ -1,5 +1,6 @@
 """The Go reference worker's --mode sessions (conformance/go-upstream/sessions.go), driven by a real
 grpcio client in pplex's place: lifecycle events in, chat actions and the suite's commands out.
+The conformance suite's Python SessionHelper answers the same commands the same way.
 
 Its other modes keep the base contract: their ready answer announces nothing.
 """
@@ -10,6 +11,7 @@ import subprocess
 
 import pytest
 
+from conformance.workers import SessionHelper
 from pplex._proto import upstream_pb2
 from tests.datastream import CONNECTED, DISCONNECTED, DataStream, ready_of
 from tests.helpers import ROOT, free_port, wait_for
@@ -103,6 +105,8 @@ def test_the_chat_joins_a_room_sends_to_it_and_quit_closes(go_worker, stream):
     # A client it never saw CONNECTED (events off, or sent elsewhere) still chats.
     data.send("cccccccc-0000-4000-8000-000000000003", b"")
     assert described(data.next())[4] == b"name a room (1 to 64 bytes) first"
+    data.send(B, b"pplex-conformance:nonsense")
+    assert described(data.next()) == ("client_uuid", B, "SEND", [], b"unknown command nonsense")
     wait_for(lambda: "DISCONNECTED" in worker.output(), message="the DISCONNECTED line")
     printed = worker.output()
     assert "opened by pplex node pplex-test-node" in printed
@@ -110,9 +114,18 @@ def test_the_chat_joins_a_room_sends_to_it_and_quit_closes(go_worker, stream):
     assert f"DISCONNECTED {A} reason=closed_by_worker" in printed
 
 
-def test_the_conformance_commands(go_worker, stream):
-    worker = go_worker("sessions")
-    data = stream(worker.port)
+@pytest.fixture(params=["go", "helper"])
+def session_worker_port(request, go_worker):
+    if request.param == "go":
+        yield go_worker("sessions").port
+        return
+    helper = SessionHelper().serve(port=0)
+    yield helper.port
+    helper.stop(grace=0)
+
+
+def test_the_conformance_session_commands(session_worker_port, stream):
+    data = stream(session_worker_port)
     data.send(A, kind=CONNECTED, remote_addr="127.0.0.1", remote_port="50001")
     data.send(A, b"pplex-conformance:session")
     report = json.loads(data.next().payload)
