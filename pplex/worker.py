@@ -40,6 +40,7 @@ import grpc
 
 from pplex._proto import upstream_pb2, upstream_pb2_grpc
 from pplex.logs import RateLimited
+from pplex.sessions import LIFECYCLE, NODE_HEADER
 from pplex.timestamps import rfc3339_now
 
 _Out = upstream_pb2.OutputStreamRequest
@@ -50,8 +51,6 @@ BROADCAST_NOT_ACTIVE = _Out.BROADCAST_NOT_ACTIVE
 BROADCASTS = (BROADCAST_ALL, BROADCAST_ACTIVE, BROADCAST_NOT_ACTIVE)
 MESSAGE, CONNECTED, DISCONNECTED = _In.MESSAGE, _In.CONNECTED, _In.DISCONNECTED
 SEND, CLOSE, JOIN, LEAVE = _Out.SEND, _Out.CLOSE, _Out.JOIN, _Out.LEAVE
-LIFECYCLE = "lifecycle"      # the ReadyResult.features word for CONNECTED / DISCONNECTED inputs
-NODE_HEADER = "pplex-node"   # request metadata of a data stream: the pplex instance's id
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _END = object()
 log = logging.getLogger("pplex.worker")
