@@ -26,9 +26,11 @@ setup(
         "voluptuous>=0.14",        # config and request validation
         "prometheus_client>=0.20",  # GET /metrics
         "h2>=4.1,<5",              # the h2 transport (--transport h2): HTTP/2 in the reactor thread
+        "google-crc32c>=1.5",      # PROXY v2 headers' CRC32C TLV (C, with a pure-Python fallback)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1",
+                 "hypothesis>=6.100"],  # fuzzing the parsers of outside bytes (PROXY headers)
     },
     entry_points={
         "console_scripts": ["pplex = pplex.cli:main"],

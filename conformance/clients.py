@@ -90,6 +90,25 @@ class Client:
             self.closed = reason
             self.pool._forget(self)
 
+    def send_raw(self, data):
+        """Bytes as they are, no length prefix (to break the framing on purpose)."""
+        self._out += data
+        self._flush()
+
+    def half_close(self):
+        """Shut down our sending side (FIN) once what is queued is out; keep reading."""
+        self._flush()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def reset(self):
+        """Close with a TCP RST (SO_LINGER 0), the way a crashed client goes."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._close("reset by us")
+        self.sock.close()
+
     def pending_output(self):
         return len(self._out)
 

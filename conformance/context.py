@@ -113,16 +113,17 @@ class Context:
         return pplex, self.pool(pplex), pplex.mark()
 
     def pplex(self, ports, alive_timeout=ALIVE_TIMEOUT, ready_timeout=READY_TIMEOUT, active_window=1.0,
-              framing=None):
+              framing=None, server=None, plugins=None):
+        """A fresh pplex on these worker ports; `server` and `plugins` add to its config."""
         upstreams = [{"host": HOST, "port": port, "alive_timeout": alive_timeout, "ready_timeout": ready_timeout}
                      for port in ports]
         proc = Pplex(self.workdir, self._name("pplex"), upstreams, active_window=active_window, framing=framing,
-                     transport=self.transport)
+                     transport=self.transport, server=server, plugins=plugins)
         self._scope.append(proc.stop)
         return proc
 
-    def helper(self, **behaviour):
-        worker = HelperWorker(**behaviour)
+    def helper(self, cls=HelperWorker, **behaviour):
+        worker = cls(**behaviour)
         self._scope.append(lambda: worker.stop(grace=0))
         worker.serve(port=free_port(), host=HOST)
         return worker

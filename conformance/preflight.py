@@ -12,6 +12,8 @@ and records, in a `Profile`:
   clients), ACTIVE (the sender only, counted as a broadcast by pplex) or
   NOT_ACTIVE (the silent client only). The first three are probes (A, B, A
   again), the last three the broadcast convention payloads;
+- which optional features its ready answer announces ("lifecycle": the
+  session scenarios run, see sessions.py);
 - whether it echoes. `--echo auto` decides from the probes: all three came
   back unchanged to the sender: an echo worker. Direct replies that differ
   from the probe *and* differ between the two identical probes A: a broken
@@ -56,11 +58,19 @@ class Profile:
         self.broadcasts = set()       # kinds seen: "ALL", "ACTIVE", "NOT_ACTIVE"
         self.drops = {}
         self.anomalies = []
+        self.features = []            # ReadyResult.features of our own ready call
+        self.session_commands = None  # answers "pplex-conformance:session" (sessions.py); None: not asked
+
+    @property
+    def lifecycle(self):
+        """The worker announced "lifecycle": pplex sends it CONNECTED and DISCONNECTED inputs."""
+        return "lifecycle" in self.features
 
     def as_dict(self):
         return {
             "started": self.start_error is None, "start_error": self.start_error,
             "ready": self.ready_ok, "ready_detail": self.ready_detail, "ready_call": self.ready_call,
+            "features": self.features, "session_commands": self.session_commands,
             "rotation_seconds": _round(self.rotation_seconds),
             "stays_in_rotation_idle": self.idle_ok, "idle_detail": self.idle_detail,
             "heartbeats_seen": self.heartbeats,
@@ -86,6 +96,8 @@ class Profile:
                       "no": "does not echo"}.get(self.echo, "echo unknown"))
         if self.broadcasts:
             parts.append("broadcasts " + "/".join(sorted(self.broadcasts)))
+        if self.lifecycle:
+            parts.append("announces lifecycle")
         return "; ".join(parts)
 
 
@@ -94,7 +106,7 @@ def _round(value, digits=4):
 
 
 def ready_call(port, timeout):
-    """Call the worker's `ready` ourselves: {answered, ready, seconds, error}."""
+    """Call the worker's `ready` ourselves: {answered, ready, seconds, error, features}."""
     import grpc
     from google.protobuf import empty_pb2
 
@@ -105,10 +117,10 @@ def ready_call(port, timeout):
     try:
         answer = upstream_pb2_grpc.UpstreamPeerServiceStub(channel).ready(empty_pb2.Empty(), timeout=timeout)
         return {"answered": True, "ready": bool(answer.ready), "seconds": round(time.monotonic() - started, 4),
-                "error": None}
+                "error": None, "features": list(answer.features)}
     except grpc.RpcError as error:
         return {"answered": False, "ready": None, "seconds": round(time.monotonic() - started, 4),
-                "error": f"{error.code().name}: {error.details()}"}
+                "error": f"{error.code().name}: {error.details()}", "features": []}
     finally:
         channel.close()
 
@@ -150,6 +162,7 @@ def run(ctx):
     entered = pplex.wait_event("u1", "ready", timeout=ROTATION_WAIT)
     caller.join(READY_TIMEOUT + 5)
     profile.ready_call = dict(answer) or None
+    profile.features = list(answer.get("features") or [])
     if entered is None:
         info = pplex.upstream("u1") or {}
         complaints = pplex.events_of("u1", "not_ready")

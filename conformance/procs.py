@@ -93,6 +93,17 @@ class Proc:
         except (ProcessLookupError, PermissionError):
             pass
 
+    def terminate(self):
+        """SIGTERM the whole group, and return at once (the caller waits for the exit it expects)."""
+        self._signal_group(signal.SIGTERM)
+
+    def wait_exit(self, timeout):
+        """The exit status within `timeout` seconds, or None if it still runs."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def kill(self):
         """SIGKILL the whole group at once (what a crash looks like to pplex)."""
         self._signal_group(signal.SIGKILL)
@@ -243,12 +254,13 @@ class UpstreamEvent:
 class Pplex:
     """pplex as a subprocess on free loopback ports, with its admin API and its log's health events."""
 
-    def __init__(self, workdir, name, upstreams, active_window=1.0, framing=None, transport="grpcio", timeout=15.0):
+    def __init__(self, workdir, name, upstreams, active_window=1.0, framing=None, transport="grpcio", timeout=15.0,
+                 server=None, plugins=None):
         self.name = name
         config = {
-            "server": {"active_window": active_window},
+            "server": {"active_window": active_window, **(server or {})},
             "upstream": [dict(u) for u in upstreams],
-            "plugins": {"framing_len": dict(framing or {})},
+            "plugins": {"framing_len": dict(framing or {}), **(plugins or {})},
             "transport": transport,
         }
         self.config = config

@@ -58,6 +58,10 @@ def blocked(ctx, needs):
             see = "stream_closed" if "data stream closed" in detail else "live_heartbeats"
             return (f"not run: your worker leaves rotation under traffic, after {profile.traffic_messages} "
                     f"message(s) (see {see}): {detail}")
+    if "lifecycle" in wants and not profile.lifecycle:
+        return ("needs a lifecycle worker: your worker's ready answer does not announce \"lifecycle\" in "
+                "ReadyResult.features, so pplex sends it no CONNECTED / DISCONNECTED (the base contract: "
+                "nothing to check here)")
     if "answers" in wants and profile.answered == 0:
         return ("not run: your worker answered none of the probe messages; these checks need a worker that "
                 "answers (an echo mode is best)")

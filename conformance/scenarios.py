@@ -140,7 +140,7 @@ def check_drops(stats_before, stats_after):
                    f"reply to the client_uuid of an input, while that client is connected")
     if bad:
         raise Fail(f"your worker sent {bad} message(s) pplex cannot deliver (drops.bad_worker_message): set the "
-                   f"target oneof: client_uuid, or broadcast with ALL, ACTIVE or NOT_ACTIVE")
+                   f"target oneof: client_uuid, broadcast (ALL, ACTIVE or NOT_ACTIVE) or group")
 
 
 # -- ready ---------------------------------------------------------------------------
@@ -818,3 +818,7 @@ def garbage_payloads(ctx):
                       subject="worker+pplex")
     return Passed(helper_part, subject="pplex",
                   note="your worker does not echo, so only pplex's side is checked")
+
+
+# The session scenarios (lifecycle events, CLOSE, groups) come after the base ones in the report.
+from conformance import sessions  # noqa: E402,F401  (registers them)

@@ -1,4 +1,4 @@
-"""The helper worker: an in-process worker (the Python SDK) that misbehaves on request.
+"""The helper workers: in-process workers (the Python SDK) that misbehave on request, or speak sessions.
 
 The worker under test cannot be made to reply to an unknown UUID, to stop
 answering `ready`, or to broadcast to ACTIVE clients. To still check pplex's
@@ -11,16 +11,28 @@ suite's convention payloads:
 
 A worker under test that wants its own broadcasts verified answers the same
 broadcast payloads the same way (see README.md).
+
+`SessionHelper` announces "lifecycle", keeps a journal of the CONNECTED and
+DISCONNECTED it got, and answers the session commands (README.md,
+"Sessions") the way a lifecycle worker under test may:
+
+    pplex-conformance:session[:UUID]        reply: JSON {"uuid", "connected": [metadata...], "disconnected": [...]}
+    pplex-conformance:close:PAYLOAD         CLOSE the sender with PAYLOAD
+    pplex-conformance:join:GROUP            JOIN the sender to GROUP, then reply "ok" (leave: LEAVE)
+    pplex-conformance:group:GROUP:PAYLOAD   SEND PAYLOAD to GROUP (close-group: CLOSE GROUP with PAYLOAD)
 """
+import collections
+import json
 import random
 import threading
 
-from pplex.worker import BROADCAST_ACTIVE, BROADCAST_ALL, BROADCAST_NOT_ACTIVE, Worker
+from pplex.worker import BROADCAST_ACTIVE, BROADCAST_ALL, BROADCAST_NOT_ACTIVE, Group, Worker
 
 CONVENTION = b"pplex-conformance:"
 BROADCAST_COMMAND = b"pplex-conformance:broadcast:"
 UNKNOWN_COMMAND = b"pplex-conformance:unknown-uuid"
 UNKNOWN_UUID = "00000000-0000-4000-8000-00000c0ffee0"
+JOURNAL_CLIENTS = 10000  # clients a session worker remembers for "session:UUID"
 KINDS = {"all": BROADCAST_ALL, "active": BROADCAST_ACTIVE, "not_active": BROADCAST_NOT_ACTIVE}
 KIND_NAMES = {BROADCAST_ALL: "ALL", BROADCAST_ACTIVE: "ACTIVE", BROADCAST_NOT_ACTIVE: "NOT_ACTIVE"}
 GARBAGE_SIZES = (0, 1, 200000, 7, 65536)  # then random sizes up to GARBAGE_MAX
@@ -104,3 +116,54 @@ class HelperWorker(Worker):
     def stop(self, grace=None):
         self._released.set()
         super().stop(grace)
+
+
+class SessionHelper(HelperWorker):
+    """A lifecycle worker for the session scenarios: a journal of events, and the session commands."""
+
+    COMMANDS = (b"session", b"close", b"join", b"leave", b"group", b"close-group")
+
+    def __init__(self, **behaviour):
+        super().__init__(**behaviour)
+        self.journal = collections.OrderedDict()  # uuid -> {"uuid", "connected": [...], "disconnected": [...]}
+        self._journal_lock = threading.Lock()
+
+    def _entry(self, client_uuid):
+        entry = self.journal.get(client_uuid)
+        if entry is None:
+            entry = self.journal[client_uuid] = {"uuid": client_uuid, "connected": [], "disconnected": []}
+            if len(self.journal) > JOURNAL_CLIENTS:
+                self.journal.popitem(last=False)
+        return entry
+
+    def on_connected(self, stream, client_uuid, metadata):
+        with self._journal_lock:
+            self._entry(client_uuid)["connected"].append(dict(metadata))
+
+    def on_disconnected(self, stream, client_uuid, reason):
+        with self._journal_lock:
+            self._entry(client_uuid)["disconnected"].append({"reason": reason})
+
+    def report(self, client_uuid):
+        with self._journal_lock:
+            entry = self.journal.get(client_uuid) or {"uuid": client_uuid, "connected": [], "disconnected": []}
+            return json.dumps(entry).encode()
+
+    def on_message(self, stream, client_uuid, payload):
+        name, _, arg = payload[len(CONVENTION):].partition(b":")
+        if not payload.startswith(CONVENTION) or name not in self.COMMANDS:
+            super().on_message(stream, client_uuid, payload)
+        elif name == b"session":
+            stream.reply(client_uuid, self.report(arg.decode("utf-8", "replace") if arg else client_uuid))
+        elif name == b"close":
+            stream.close(client_uuid, arg)
+        elif name in (b"join", b"leave"):
+            (stream.join if name == b"join" else stream.leave)(client_uuid, arg.decode("utf-8", "replace"))
+            stream.reply(client_uuid, b"ok")
+        else:
+            group, _, data = arg.partition(b":")
+            group = group.decode("utf-8", "replace")
+            if name == b"group":
+                stream.send_group(group, data)
+            else:
+                stream.close(Group(group), data)

@@ -11,7 +11,7 @@ import tomllib
 
 import voluptuous as vol
 
-from pplex import limits
+from pplex import limits, proxyproto
 from pplex.errors import ConfigError
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
@@ -60,6 +60,9 @@ SERVER = {
     # re-send what was written to a stream that broke after the worker's last message
     # (at-least-once: a worker may see a message twice); false: count it (at-most-once)
     vol.Optional("redeliver_unconfirmed", default=False): Flag,
+    # PROXY protocol header before each client's bytes: off, v1, v2 or any; only from these networks
+    vol.Optional("proxy_protocol", default="off"): proxyproto.mode,
+    vol.Optional("proxy_protocol_from", default=list): proxyproto.cidr_list,
     **limits.section_schema("server"),
 }
 
@@ -117,7 +120,7 @@ def _plugins(value):
 SCHEMA = vol.Schema({
     # pplex's own log level (debug, info, warning, error); --log-level wins over it
     vol.Optional("log_level"): vol.All(str, vol.Lower, vol.In(("debug", "info", "warning", "error"))),
-    vol.Optional("server", default={}): SERVER,
+    vol.Optional("server", default={}): vol.All(SERVER, proxyproto.check_server),
     vol.Optional("upstream", default=[]): [UPSTREAM],
     vol.Optional("management_server", default={}): MANAGEMENT,
     vol.Optional("plugins", default={}): _plugins,

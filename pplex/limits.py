@@ -146,6 +146,10 @@ SHUTDOWN_SPREAD = setting(
     "server", "shutdown_spread", 10, "s", 0, 3600,
     "on SIGTERM, clients are closed spread evenly (with jitter) over this many seconds, so they do "
     "not all reconnect in the same instant; 0 closes them all at once")
+PROXY_PROTOCOL_TIMEOUT = setting(
+    "server", "proxy_protocol_timeout", 5, "s", 0, 300,
+    "a client must send its whole PROXY header within this (the spec asks for at least 3 s, a TCP "
+    "retransmit); past it, it is closed", low_open=True)
 
 
 # -- upstream: each worker ---------------------------------------------------------------------

@@ -15,9 +15,22 @@ client; `stream.broadcast` (or `Worker.broadcast`, for every connected pplex)
 reaches a set of clients. Override `is_ready` / `is_live` to drive pplex's
 health checks. `python -m pplex.worker --port N` runs the echo worker that
 `pplex demo` embeds.
+
+Sessions (README, "Sessions"): override `on_connected` / `on_disconnected`
+and the worker announces the "lifecycle" feature in its ready answer, so pplex
+tells it when each client arrives and leaves. `stream.close`, `stream.join`,
+`stream.leave` and `stream.send_group` act on clients; their first argument
+is a client UUID, a `Group("name")` (every member) or a broadcast set
+(`BROADCAST_ALL`, `BROADCAST_ACTIVE`, `BROADCAST_NOT_ACTIVE`).
+
+An exception raised by the worker's own code (`on_message`, the lifecycle
+methods, `is_ready`, `is_live`, `on_stream_end`) is logged with its traceback
+(rate limited, logger `pplex.worker`), counted in `Worker.errors`, and the
+stream goes on: one bad message must not cut every client of that pplex.
 """
 import argparse
 import concurrent.futures
+import logging
 import queue
 import signal
 import sys
@@ -26,27 +39,89 @@ import threading
 import grpc
 
 from pplex._proto import upstream_pb2, upstream_pb2_grpc
+from pplex.logs import RateLimited
+from pplex.sessions import LIFECYCLE, NODE_HEADER
 from pplex.timestamps import rfc3339_now
 
-BROADCAST_ALL = upstream_pb2.OutputStreamRequest.BROADCAST_ALL
-BROADCAST_ACTIVE = upstream_pb2.OutputStreamRequest.BROADCAST_ACTIVE
-BROADCAST_NOT_ACTIVE = upstream_pb2.OutputStreamRequest.BROADCAST_NOT_ACTIVE
+_Out = upstream_pb2.OutputStreamRequest
+_In = upstream_pb2.InputStreamRequest
+BROADCAST_ALL = _Out.BROADCAST_ALL
+BROADCAST_ACTIVE = _Out.BROADCAST_ACTIVE
+BROADCAST_NOT_ACTIVE = _Out.BROADCAST_NOT_ACTIVE
+BROADCASTS = (BROADCAST_ALL, BROADCAST_ACTIVE, BROADCAST_NOT_ACTIVE)
+MESSAGE, CONNECTED, DISCONNECTED = _In.MESSAGE, _In.CONNECTED, _In.DISCONNECTED
+SEND, CLOSE, JOIN, LEAVE = _Out.SEND, _Out.CLOSE, _Out.JOIN, _Out.LEAVE
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _END = object()
+log = logging.getLogger("pplex.worker")
+
+
+class Group(str):
+    """A group name as a target: `stream.close(Group("lobby"), b"bye")` acts on every member."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return f"Group({str.__repr__(self)})"
+
+
+def _target(to):
+    """The OutputStreamRequest target fields for a client UUID, a Group or a broadcast set."""
+    if isinstance(to, Group):
+        return {"group": to}
+    if isinstance(to, str):
+        return {"client_uuid": to}
+    if isinstance(to, int) and not isinstance(to, bool) and to in BROADCASTS:
+        return {"broadcast": to}
+    raise TypeError(f"target must be a client UUID (str), a Group or a BROADCAST_* value (got {to!r})")
+
+
+def _groups(groups):
+    if not groups:
+        raise ValueError("name at least one group")
+    for group in groups:
+        if not isinstance(group, str) or not group:
+            raise ValueError(f"group names are non-empty strings (got {group!r})")
+    return list(groups)
 
 
 class Stream:
-    """One pplex instance's data stream; replies go back on it, in order."""
+    """One pplex instance's data stream; outputs go back on it, in order.
 
-    def __init__(self):
+    `node` is that pplex instance's id (its `pplex-node` request header), or
+    None when it sent none. pplex applies a stream's outputs in the order they
+    are sent: a JOIN then a SEND to the group reaches the new member.
+    """
+
+    def __init__(self, node=None):
         self._out = queue.SimpleQueue()
+        self.node = node
 
     def reply(self, client_uuid, payload):
-        self._out.put(upstream_pb2.OutputStreamRequest(
-            time=rfc3339_now(), client_uuid=client_uuid, payload=payload))
+        self._out.put(_Out(time=rfc3339_now(), client_uuid=client_uuid, payload=payload))
 
     def broadcast(self, payload, kind=BROADCAST_ALL):
-        self._out.put(upstream_pb2.OutputStreamRequest(time=rfc3339_now(), broadcast=kind, payload=payload))
+        self._out.put(_Out(time=rfc3339_now(), broadcast=kind, payload=payload))
+
+    def send_group(self, group, payload):
+        """`payload` to every member of `group` (on this pplex instance)."""
+        self._out.put(_Out(time=rfc3339_now(), group=group, payload=payload))
+
+    def close(self, to, payload=b""):
+        """Write `payload` (if any) to the target client(s), then close them once it is flushed.
+
+        `to`: a client UUID, a `Group`, or a BROADCAST_* set. Their DISCONNECTED
+        reason is `closed_by_worker`.
+        """
+        self._out.put(_Out(time=rfc3339_now(), action=CLOSE, payload=payload, **_target(to)))
+
+    def join(self, to, *groups):
+        """Add the target client(s) to each of `groups` (ValueError if none)."""
+        self._out.put(_Out(time=rfc3339_now(), action=JOIN, groups=_groups(groups), **_target(to)))
+
+    def leave(self, to, *groups):
+        """Remove the target client(s) from each of `groups` (ValueError if none)."""
+        self._out.put(_Out(time=rfc3339_now(), action=LEAVE, groups=_groups(groups), **_target(to)))
 
     def send_raw(self, message):
         """Send an OutputStreamRequest as it is (tests use it to misbehave on purpose)."""
@@ -57,17 +132,28 @@ class Stream:
 
 
 class Worker:
-    """Base class: override `on_message`; optionally `is_ready`, `is_live`, `on_stream_end`."""
+    """Base class: override `on_message`; optionally `on_connected`, `on_disconnected`, `is_ready`,
+    `is_live`, `on_stream_end`."""
 
     def __init__(self):
         self._streams = set()
         self._lock = threading.Lock()
+        self._errors_log = RateLimited()
+        self.errors = 0       # exceptions raised by this worker's own methods, contained
         self.server = None
         self.port = None
 
     # -- what a worker overrides -------------------------------------------
     def on_message(self, stream, client_uuid, payload):
         """One client message. Reply with `stream.reply(client_uuid, data)`."""
+
+    def on_connected(self, stream, client_uuid, metadata):
+        """A client arrived (only with "lifecycle", announced when this or `on_disconnected` is
+        overridden). `metadata`: dict of str, see README "Sessions". Comes before its messages."""
+
+    def on_disconnected(self, stream, client_uuid, reason):
+        """A client is gone; `reason` is one of README "Sessions"' reasons (e.g. "client_closed").
+        At most once: a broken stream means no more news of that node's clients on it."""
 
     def is_ready(self):
         return True
@@ -79,16 +165,38 @@ class Worker:
         """A pplex data stream ended."""
 
     # -- tools ---------------------------------------------------------------
+    def features(self):
+        """ReadyResult.features: "lifecycle" when a lifecycle method is overridden."""
+        cls = type(self)
+        if cls.on_connected is not Worker.on_connected or cls.on_disconnected is not Worker.on_disconnected:
+            return [LIFECYCLE]
+        return []
+
     def broadcast(self, payload, kind=BROADCAST_ALL):
         """Broadcast on every open data stream (every pplex connected)."""
-        with self._lock:
-            streams = list(self._streams)
-        for stream in streams:
+        for stream in self.streams():
             stream.broadcast(payload, kind)
+
+    def send_group(self, group, payload):
+        """Send to `group` on every open data stream (a group's members may be on any pplex)."""
+        for stream in self.streams():
+            stream.send_group(group, payload)
+
+    def streams(self):
+        with self._lock:
+            return list(self._streams)
 
     def stream_count(self):
         with self._lock:
             return len(self._streams)
+
+    def contained(self, where, client_uuid=None):
+        """Call from an `except` block: count and log (rate limited per `where`) the error, go on."""
+        with self._lock:
+            self.errors += 1
+        who = f" for client {client_uuid}" if client_uuid else ""
+        self._errors_log.log(log, logging.ERROR, where, "%s raised%s; the stream goes on", where, who,
+                             exc_info=True)
 
     def serve(self, port=0, host="127.0.0.1", max_threads=64):
         """Start serving in background threads; returns self (see `port`, `stop`, `wait`)."""
@@ -108,9 +216,7 @@ class Worker:
     def stop(self, grace=None):
         if self.server is not None:
             self.server.stop(grace).wait()
-        with self._lock:
-            streams = list(self._streams)
-        for stream in streams:
+        for stream in self.streams():
             stream.end()
 
     def wait(self):
@@ -130,7 +236,11 @@ class _Servicer(upstream_pb2_grpc.UpstreamPeerServiceServicer):
 
     def bidirectionalStreaming(self, request_iterator, context):
         worker = self.worker
-        stream = Stream()
+        node = None
+        for key, value in context.invocation_metadata() or ():
+            if key == NODE_HEADER:
+                node = value
+        stream = Stream(node)
         with worker._lock:
             worker._streams.add(stream)
         context.add_callback(stream.end)
@@ -146,24 +256,54 @@ class _Servicer(upstream_pb2_grpc.UpstreamPeerServiceServicer):
         finally:
             with worker._lock:
                 worker._streams.discard(stream)
-            worker.on_stream_end(stream)
+            try:
+                worker.on_stream_end(stream)
+            except Exception:
+                worker.contained("on_stream_end")
 
     def _read(self, stream, request_iterator):
-        on_message = self.worker.on_message
+        worker = self.worker
+        on_message = worker.on_message
+        on_connected = worker.on_connected
+        on_disconnected = worker.on_disconnected
         try:
             for request in request_iterator:
-                on_message(stream, request.client_uuid, request.payload)
+                kind = request.kind
+                try:
+                    if kind == MESSAGE:
+                        on_message(stream, request.client_uuid, request.payload)
+                    elif kind == CONNECTED:
+                        on_connected(stream, request.client_uuid, dict(request.metadata))
+                    elif kind == DISCONNECTED:
+                        on_disconnected(stream, request.client_uuid, request.metadata.get("reason", ""))
+                    else:  # a kind newer than this SDK: nothing to do with it
+                        worker._errors_log.warning(log, "kind", "input of unknown kind %d ignored", kind)
+                except Exception:
+                    worker.contained(_HANDLERS.get(kind, "handler"), request.client_uuid)
         except grpc.RpcError:
             pass
         finally:
             stream.end()
 
     def ready(self, request, context):
-        return upstream_pb2.ReadyResult(time=rfc3339_now(), ready=bool(self.worker.is_ready()))
+        try:
+            ready = bool(self.worker.is_ready())
+        except Exception:
+            self.worker.contained("is_ready")
+            ready = False
+        return upstream_pb2.ReadyResult(time=rfc3339_now(), ready=ready, features=self.worker.features())
 
     def live(self, request_iterator, context):
         for _ in request_iterator:
-            yield upstream_pb2.LiveResult(time=rfc3339_now(), live=bool(self.worker.is_live()))
+            try:
+                live = bool(self.worker.is_live())
+            except Exception:
+                self.worker.contained("is_live")
+                live = False
+            yield upstream_pb2.LiveResult(time=rfc3339_now(), live=live)
+
+
+_HANDLERS = {MESSAGE: "on_message", CONNECTED: "on_connected", DISCONNECTED: "on_disconnected"}
 
 
 def main(argv=None):

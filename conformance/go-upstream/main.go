@@ -41,6 +41,7 @@ const (
 	modeNotReady   = "not-ready"
 	modeLiveFalse  = "live-false"
 	modeGarbage    = "garbage"
+	modeSessions   = "sessions"
 )
 
 var modeHelp = map[string]string{
@@ -51,6 +52,7 @@ var modeHelp = map[string]string{
 	modeNotReady:   "ready answers ready=false; echo on the data stream",
 	modeLiveFalse:  "live answers live=false; echo on the data stream",
 	modeGarbage:    "each input is answered (to its sender) with 0..200000 random bytes",
+	modeSessions:   "a chat on lifecycle events and groups: first line joins a room, later lines go to it, /quit closes",
 }
 
 const garbageMax = 200000
@@ -67,7 +69,8 @@ type server struct {
 	liveSleep  time.Duration
 	verbose    bool // print every received message (reference mode)
 
-	streamSeq uint64 // atomic; numbers data streams in the log
+	streamSeq uint64   // atomic; numbers data streams in the log
+	journal   *journal // sessions mode: lifecycle events seen, per client
 }
 
 // clock formats "now" like the field workers (time.UnixDate, local time),
@@ -117,10 +120,14 @@ func (s *server) Ready(ctx context.Context, _ *emptypb.Empty) (*pb.ReadyResult, 
 	if !sleepCtx(ctx, s.readySleep) {
 		return nil, ctxErr(ctx)
 	}
-	return &pb.ReadyResult{
+	answer := &pb.ReadyResult{
 		Time:  time.Now().Format(time.UnixDate),
 		Ready: s.mode != modeNotReady,
-	}, nil
+	}
+	if s.mode == modeSessions {
+		answer.Features = []string{lifecycleFeature}
+	}
+	return answer, nil
 }
 
 func (s *server) Live(stream pb.UpstreamPeerService_LiveServer) error {
@@ -158,6 +165,8 @@ func (s *server) BidirectionalStreaming(stream pb.UpstreamPeerService_Bidirectio
 		return s.streamReference(stream)
 	case modeGarbage:
 		return s.streamGarbage(stream)
+	case modeSessions:
+		return s.streamSessions(stream)
 	default:
 		return s.streamEcho(stream, s.mode == modeCloseStrm)
 	}
@@ -322,6 +331,7 @@ func main() {
 		readySleep: time.Duration(*readySleep) * time.Millisecond,
 		liveSleep:  time.Duration(*liveSleep) * time.Millisecond,
 		verbose:    *mode == modeReference,
+		journal:    newJournal(),
 	}
 	gs := grpc.NewServer()
 	pb.RegisterUpstreamPeerServiceServer(gs, srv)

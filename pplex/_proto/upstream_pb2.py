@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpplex/_proto/upstream.proto\x12\x15upstream.grpc.service\x1a\x1bgoogle/protobuf/empty.proto\"*\n\x0bReadyResult\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\"(\n\nLiveResult\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x0c\n\x04live\x18\x02 \x01(\x08\"H\n\x12InputStreamRequest\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x13\n\x0b\x63lient_uuid\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\xf0\x01\n\x13OutputStreamRequest\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x15\n\x0b\x63lient_uuid\x18\x02 \x01(\tH\x00\x12I\n\tbroadcast\x18\x03 \x01(\x0e\x32\x34.upstream.grpc.service.OutputStreamRequest.BroadcastH\x00\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\"N\n\tBroadcast\x12\x11\n\rBROADCAST_ALL\x10\x00\x12\x14\n\x10\x42ROADCAST_ACTIVE\x10\x01\x12\x18\n\x14\x42ROADCAST_NOT_ACTIVE\x10\x02\x42\x08\n\x06target2\x96\x02\n\x13UpstreamPeerService\x12s\n\x16\x62idirectionalStreaming\x12).upstream.grpc.service.InputStreamRequest\x1a*.upstream.grpc.service.OutputStreamRequest(\x01\x30\x01\x12\x43\n\x05ready\x12\x16.google.protobuf.Empty\x1a\".upstream.grpc.service.ReadyResult\x12\x45\n\x04live\x12\x16.google.protobuf.Empty\x1a!.upstream.grpc.service.LiveResult(\x01\x30\x01\x42\x1eZ\x1cpplex/conformance/upstreampbb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpplex/_proto/upstream.proto\x12\x15upstream.grpc.service\x1a\x1bgoogle/protobuf/empty.proto\"<\n\x0bReadyResult\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x03(\t\"(\n\nLiveResult\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x0c\n\x04live\x18\x02 \x01(\x08\"\xb8\x02\n\x12InputStreamRequest\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x13\n\x0b\x63lient_uuid\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12<\n\x04kind\x18\x04 \x01(\x0e\x32..upstream.grpc.service.InputStreamRequest.Kind\x12I\n\x08metadata\x18\x05 \x03(\x0b\x32\x37.upstream.grpc.service.InputStreamRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x04Kind\x12\x0b\n\x07MESSAGE\x10\x00\x12\r\n\tCONNECTED\x10\x01\x12\x10\n\x0c\x44ISCONNECTED\x10\x02\"\x88\x03\n\x13OutputStreamRequest\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x15\n\x0b\x63lient_uuid\x18\x02 \x01(\tH\x00\x12I\n\tbroadcast\x18\x03 \x01(\x0e\x32\x34.upstream.grpc.service.OutputStreamRequest.BroadcastH\x00\x12\x0f\n\x05group\x18\x05 \x01(\tH\x00\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x41\n\x06\x61\x63tion\x18\x06 \x01(\x0e\x32\x31.upstream.grpc.service.OutputStreamRequest.Action\x12\x0e\n\x06groups\x18\x07 \x03(\t\"N\n\tBroadcast\x12\x11\n\rBROADCAST_ALL\x10\x00\x12\x14\n\x10\x42ROADCAST_ACTIVE\x10\x01\x12\x18\n\x14\x42ROADCAST_NOT_ACTIVE\x10\x02\"2\n\x06\x41\x63tion\x12\x08\n\x04SEND\x10\x00\x12\t\n\x05\x43LOSE\x10\x01\x12\x08\n\x04JOIN\x10\x02\x12\t\n\x05LEAVE\x10\x03\x42\x08\n\x06target2\x96\x02\n\x13UpstreamPeerService\x12s\n\x16\x62idirectionalStreaming\x12).upstream.grpc.service.InputStreamRequest\x1a*.upstream.grpc.service.OutputStreamRequest(\x01\x30\x01\x12\x43\n\x05ready\x12\x16.google.protobuf.Empty\x1a\".upstream.grpc.service.ReadyResult\x12\x45\n\x04live\x12\x16.google.protobuf.Empty\x1a!.upstream.grpc.service.LiveResult(\x01\x30\x01\x42\x1eZ\x1cpplex/conformance/upstreampbb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pplex._proto.upstream_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\034pplex/conformance/upstreampb'
+  _globals['_INPUTSTREAMREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_INPUTSTREAMREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_READYRESULT']._serialized_start=83
-  _globals['_READYRESULT']._serialized_end=125
-  _globals['_LIVERESULT']._serialized_start=127
-  _globals['_LIVERESULT']._serialized_end=167
-  _globals['_INPUTSTREAMREQUEST']._serialized_start=169
-  _globals['_INPUTSTREAMREQUEST']._serialized_end=241
-  _globals['_OUTPUTSTREAMREQUEST']._serialized_start=244
-  _globals['_OUTPUTSTREAMREQUEST']._serialized_end=484
-  _globals['_OUTPUTSTREAMREQUEST_BROADCAST']._serialized_start=396
-  _globals['_OUTPUTSTREAMREQUEST_BROADCAST']._serialized_end=474
-  _globals['_UPSTREAMPEERSERVICE']._serialized_start=487
-  _globals['_UPSTREAMPEERSERVICE']._serialized_end=765
+  _globals['_READYRESULT']._serialized_end=143
+  _globals['_LIVERESULT']._serialized_start=145
+  _globals['_LIVERESULT']._serialized_end=185
+  _globals['_INPUTSTREAMREQUEST']._serialized_start=188
+  _globals['_INPUTSTREAMREQUEST']._serialized_end=500
+  _globals['_INPUTSTREAMREQUEST_METADATAENTRY']._serialized_start=399
+  _globals['_INPUTSTREAMREQUEST_METADATAENTRY']._serialized_end=446
+  _globals['_INPUTSTREAMREQUEST_KIND']._serialized_start=448
+  _globals['_INPUTSTREAMREQUEST_KIND']._serialized_end=500
+  _globals['_OUTPUTSTREAMREQUEST']._serialized_start=503
+  _globals['_OUTPUTSTREAMREQUEST']._serialized_end=895
+  _globals['_OUTPUTSTREAMREQUEST_BROADCAST']._serialized_start=755
+  _globals['_OUTPUTSTREAMREQUEST_BROADCAST']._serialized_end=833
+  _globals['_OUTPUTSTREAMREQUEST_ACTION']._serialized_start=835
+  _globals['_OUTPUTSTREAMREQUEST_ACTION']._serialized_end=885
+  _globals['_UPSTREAMPEERSERVICE']._serialized_start=898
+  _globals['_UPSTREAMPEERSERVICE']._serialized_end=1176
 # @@protoc_insertion_point(module_scope)

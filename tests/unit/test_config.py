@@ -12,7 +12,8 @@ from tests.helpers import ROOT
 def test_defaults_fill_every_section_from_the_limits_table():
     config = validate({})
     server_settings = {s.key: s.default for s in limits.SETTINGS if s.section == "server"}
-    assert config["server"] == {"host": "0.0.0.0", "port": 7999, "redeliver_unconfirmed": False, **server_settings}
+    assert config["server"] == {"host": "0.0.0.0", "port": 7999, "redeliver_unconfirmed": False,
+                                "proxy_protocol": "off", "proxy_protocol_from": [], **server_settings}
     assert config["server"]["max_connections"] == 100000 and config["server"]["idle_timeout"] == 0
     assert config["management_server"] == {"host": "127.0.0.1", "port": 8000, "max_body_bytes": 65536,
                                            "threads": 4}
