@@ -15,8 +15,9 @@ setup(
     version="0.1.0",
     description="TCP-to-gRPC demultiplexing proxy",
     python_requires=">=3.11",
-    packages=["pplex", "pplex._proto", "pplex_plugins"],
+    packages=["pplex", "pplex._proto", "pplex.dashboard", "pplex_plugins"],
     package_dir={"pplex_plugins": "plugins"},
+    package_data={"pplex.dashboard": ["index.html", "app.js", "style.css"]},  # the admin API's page
     install_requires=[
         "grpcio>=1.85.1",          # the gRPC bridge and the worker SDK
         "protobuf>=7.35.1,<8",     # what the committed generated code needs
@@ -28,7 +29,8 @@ setup(
         "h2>=4.1,<5",              # the h2 transport (--transport h2): HTTP/2 in the reactor thread
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1",
+                 "playwright>=1.40"],  # drives Debian's Chromium in the dashboard tests
     },
     entry_points={
         "console_scripts": ["pplex = pplex.cli:main"],

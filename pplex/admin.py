@@ -8,18 +8,24 @@ import hmac
 import json
 import logging
 import threading
+import time
 
 import bottle
 import voluptuous
 import waitress
 
+from pplex import dashboard
 from pplex.config import describe_invalid, loads_json, validate_upstream
+from pplex.connection import format_peer
 from pplex.errors import DuplicateUpstream
+from pplex.logs import RateLimited
 
 log = logging.getLogger("pplex.admin")
+_repeats = RateLimited()
 
 CALL_TIMEOUT_SECONDS = 5.0
 MAX_PAGE = 1000
+MAX_QUERY_CHARS = 100  # GET /connections?q=: a uuid is 36, an address at most ~47
 OPEN_ROUTES = {"/healthz"}
 
 
@@ -86,6 +92,8 @@ def build_app(app_state, token=None, metrics=None):
     app = bottle.Bottle(catchall=False)
     proxy = app_state.proxy
     control = app_state.control
+    started = time.monotonic()
+    dashboard.install(app)  # GET / and its files: the page shell only, no data, so no token
 
     def route(path, method="GET", status=200):
         def register(handler):
@@ -162,12 +170,19 @@ def build_app(app_state, token=None, metrics=None):
     def list_connections():
         limit = _int_param("limit", 100, 0, MAX_PAGE)
         offset = _int_param("offset", 0, 0, 1 << 62)
+        query = bottle.request.query.get("q", "").strip().lower()
+        if len(query) > MAX_QUERY_CHARS:
+            raise HTTPError(400, f"q: at most {MAX_QUERY_CHARS} characters", field="q")
 
         def page():
             now = proxy.reactor.clock()
-            conns = list(proxy.conns.values())[offset:offset + limit]
-            return {"count": len(proxy.conns), "offset": offset, "limit": limit,
-                    "connections": [proxy.connection_info(c, now) for c in conns]}
+            conns = list(proxy.conns.values())
+            body = {"count": len(conns), "offset": offset, "limit": limit}
+            if query:  # a part of the uuid or of the remote address
+                conns = [c for c in conns if query in c.uuid or query in format_peer(c.peer)]
+                body["matched"] = len(conns)
+            body["connections"] = [proxy.connection_info(c, now) for c in conns[offset:offset + limit]]
+            return body
         return control.call(page)
 
     @route("/connections/<uuid>", "DELETE")
@@ -185,6 +200,10 @@ def build_app(app_state, token=None, metrics=None):
     @route("/plugins")
     def plugins():
         return {"plugins": app_state.plugins.describe()}
+
+    @route("/info")
+    def info():
+        return dashboard.describe_instance(app_state, time.monotonic() - started)
 
     @route("/stats")
     def stats():
@@ -204,8 +223,8 @@ def build_app(app_state, token=None, metrics=None):
         message = messages.get(status) or (error.body if isinstance(error.body, str) and error.body
                                            else bottle.HTTP_CODES.get(status, "error"))
         if status >= 500:
-            log.error("admin request %s %s failed: %s", bottle.request.method, bottle.request.path,
-                      error.exception or message)
+            _repeats.log(log, logging.ERROR, "admin-5xx", "admin request %s %s failed: %s",
+                         bottle.request.method, bottle.request.path, error.exception or message)
             message = "internal error; see the pplex log"
         bottle.response.content_type = "application/json"
         return json.dumps({"error": message})
