@@ -149,7 +149,7 @@ class Proxy:
         if self.idle_timeout:
             conn.idle_timer = self.reactor.call_at(now + self.idle_timeout, self._idle_check, conn)
         if self._verbose:
-            log.info("open %s from %s", conn.uuid, format_peer(peer))
+            log.info("open %s from %s", conn.uuid, format_peer(peer), extra={"uuid": conn.uuid})
         if self.notify_opened is not None:
             self.notify_opened(conn)
 
@@ -220,7 +220,7 @@ class Proxy:
         if verdict is True:
             conn.authenticated = True
             if self._verbose:
-                log.info("authenticated %s", conn.uuid)
+                log.info("authenticated %s", conn.uuid, extra={"uuid": conn.uuid})
             if self.notify_authenticated is not None:
                 self.notify_authenticated(conn)
         elif verdict is False:
@@ -303,7 +303,8 @@ class Proxy:
     def on_bad_message(self, link, reason):
         up = self.upstreams.by_link.get(link)
         self.stats.drop("bad_worker_message")
-        log.warning("upstream %s sent a message pplex cannot deliver: %s", up.address if up else "?", reason)
+        log.warning("upstream %s sent a message pplex cannot deliver: %s", up.address if up else "?", reason,
+                    extra={"upstream": up.address if up else None, "reason": reason})
 
     def on_drained(self, link):
         up = self.upstreams.by_link.get(link)
@@ -333,7 +334,8 @@ class Proxy:
         if unconfirmed:
             self.stats.unconfirmed += unconfirmed
             log.warning("upstream %s: %d message(s) written to its stream before it broke are "
-                        "unconfirmed (at-most-once)", upstream.address, unconfirmed)
+                        "unconfirmed (at-most-once)", upstream.address, unconfirmed,
+                        extra={"upstream": upstream.address})
         if not unsent:
             return
         rerouted = lost = 0
@@ -349,13 +351,14 @@ class Proxy:
         if lost:
             self.stats.drop("client_gone", lost)
         log.info("upstream %s: re-routed %d unsent message(s)%s", upstream.address, rerouted,
-                 f", {lost} for clients already gone" if lost else "")
+                 f", {lost} for clients already gone" if lost else "", extra={"upstream": upstream.address})
 
     # -- closing -------------------------------------------------------------
     def failed(self, conn, doing):
         """The pipeline edge: an unexpected error while serving one client closes that client."""
         log.exception("internal error %s of client %s (plugins: %s); closing it", doing, conn.uuid,
-                      ", ".join(f"{slot}={name}" for slot, name in sorted(self.plugins.slot_owner.items())))
+                      ", ".join(f"{slot}={name}" for slot, name in sorted(self.plugins.slot_owner.items())),
+                      extra={"uuid": conn.uuid, "reason": f"internal error {doing}"})
         self.stats.drop("internal_error")
         self.close(conn, f"internal error {doing}")
 
@@ -418,7 +421,8 @@ class Proxy:
         self.stats.add_closed(conn)
         if self._verbose:
             log.info("close %s (%s) after %.1f s, %d B in, %d B out", conn.uuid, reason,
-                     self.reactor.clock() - conn.opened, conn.bytes_in, conn.bytes_out)
+                     self.reactor.clock() - conn.opened, conn.bytes_in, conn.bytes_out,
+                     extra={"uuid": conn.uuid, "reason": reason})
         if self.notify_closed is not None:
             self.notify_closed(conn, reason)
         if not self.accepting and self._accept_retry is None and len(self.conns) < self.max_connections:

@@ -115,7 +115,7 @@ class Upstreams:
         upstream.link = self.transport.connect(upstream, self.proxy)
         self.by_link[upstream.link] = upstream
         log.info("upstream %s %s added (alive_timeout %ss, ready_timeout %ss)",
-                 upstream.id, upstream.address, alive_timeout, ready_timeout)
+                 upstream.id, upstream.address, alive_timeout, ready_timeout, extra={"upstream": upstream.address})
         if self._notify_added:
             self._notify_added(upstream)
         self._probe(upstream)
@@ -131,7 +131,8 @@ class Upstreams:
         self._cancel_timers(upstream)
         self.by_link.pop(upstream.link, None)
         upstream.link.close()
-        log.info("upstream %s %s removed (%s)", upstream.id, upstream.address, reason)
+        log.info("upstream %s %s removed (%s)", upstream.id, upstream.address, reason,
+                 extra={"upstream": upstream.address, "reason": reason})
         return upstream
 
     def drain(self, upstream_id):
@@ -146,7 +147,7 @@ class Upstreams:
         self.ready.remove(upstream)
         upstream.state = "draining"
         upstream.drain_deadline = self.reactor.clock() + DRAIN_MAX_SECONDS
-        log.info("upstream %s %s draining", upstream.id, upstream.address)
+        log.info("upstream %s %s draining", upstream.id, upstream.address, extra={"upstream": upstream.address})
         self.reactor.call_later(DRAIN_CHECK_SECONDS, self._drain_check, upstream)
         return upstream.as_dict()
 
@@ -185,7 +186,8 @@ class Upstreams:
             return
         if not ok:
             if upstream.last_error != detail or upstream.state == "connecting":
-                log.warning("upstream %s %s not ready: %s", upstream.id, upstream.address, detail)
+                log.warning("upstream %s %s not ready: %s", upstream.id, upstream.address, detail,
+                            extra={"upstream": upstream.address, "reason": detail})
             upstream.last_error = detail
             if upstream.state != "connecting" or upstream.failures > 2:
                 upstream.state = "unready"
@@ -199,7 +201,7 @@ class Upstreams:
         upstream.ever_ready = True
         upstream.blocked = False
         self.ready.append(upstream)
-        log.info("upstream %s %s ready", upstream.id, upstream.address)
+        log.info("upstream %s %s ready", upstream.id, upstream.address, extra={"upstream": upstream.address})
         if self._notify_ready:
             self._notify_ready(upstream)
         self.proxy.upstream_ready(upstream)
@@ -234,7 +236,8 @@ class Upstreams:
             self.remove(upstream.id, f"lost while draining: {reason}")
             return
         upstream.last_error = reason
-        log.warning("upstream %s %s left rotation: %s", upstream.id, upstream.address, reason)
+        log.warning("upstream %s %s left rotation: %s", upstream.id, upstream.address, reason,
+                    extra={"upstream": upstream.address, "reason": reason})
         self._leave_rotation(upstream, reason, reroute=True)
         upstream.state = "unready"
         self._retry_later(upstream)
