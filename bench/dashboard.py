@@ -10,7 +10,9 @@ the admin API every second and redraws; in a "closed" run the tab is on
 about:blank. Runs alternate closed/open, open/closed, ... so drift of the
 shared machine hits both alike; each figure is the median of its runs, with
 the range, and pplex's CPU time per message (from /proc, over each run's
-measurement window), which moves less with other load on the box. The
+measurement window), which moves less with other load on the box. Before
+the runs, with no load, pplex's CPU per second is read with the page closed
+and open: the page's own cost to the proxy, free of the load's noise. The
 browser shares the machine's cores with pplex, so its own drawing is part of
 what is measured, as it would be for an operator's laptop tab on a
 co-located admin host. Only 127.0.0.1; every process is stopped at the end.
@@ -36,6 +38,9 @@ def measure(ps, args, worker_target, transport, browser):
     figures = {"closed": [], "open": []}
     polls = []
     try:
+        idle = idle_cost(page, pplex.pid, admin, args.idle_seconds)
+        print("  %s no load: pplex CPU %.2f ms/s with the page closed, %.2f ms/s open"
+              % (transport, idle["closed"], idle["open"]), file=sys.stderr)
         for round_number in range(args.rounds):
             order = ("closed", "open") if round_number % 2 == 0 else ("open", "closed")
             for mode in order:
@@ -59,7 +64,25 @@ def measure(ps, args, worker_target, transport, browser):
     finally:
         page.close()
         ps.stop(pplex)
-    return figures, polls
+    return figures, polls, idle
+
+
+def idle_cost(page, pid, admin, seconds):
+    """pplex's CPU in ms per second with no client load, page closed then open: the page's own cost
+    to the proxy, free of the load's noise (the browser's drawing is not charged to pplex)."""
+    tree = procs.process_tree(pid)
+    cost = {}
+    for mode in ("closed", "open"):
+        if mode == "open":
+            page.goto("http://%s:%d/" % admin)
+            page.wait_for_selector("#workers tr[data-key]")
+        else:
+            page.goto("about:blank")
+        page.wait_for_timeout(1000 * min(1.5, seconds))  # past the first requests and drawing
+        before, started = procs.cpu_seconds(tree), time.monotonic()
+        page.wait_for_timeout(seconds * 1000)  # sleeps while Playwright keeps serving the page's events
+        cost[mode] = 1000.0 * (procs.cpu_seconds(tree) - before) / (time.monotonic() - started)
+    return cost
 
 
 def _cpu(value):
@@ -73,7 +96,7 @@ def _us_per_message(rate, cpu_percent):
     return cpu_percent / 100.0 / rate * 1e6
 
 
-def report(args, transport, figures, polls):
+def report(args, transport, figures, polls, idle):
     rows = {}
     for mode in ("closed", "open"):
         rates = [rate for rate, _ in figures[mode]]
@@ -92,6 +115,8 @@ def report(args, transport, figures, polls):
           % (ratio, 100 * (ratio - 1), round(BAR * 100), "yes" if abs(1 - ratio) <= BAR else "NO"))
     if rows["open"][3] is not None and rows["closed"][3] is not None:
         print("  pplex CPU per message open/closed %.3f" % (rows["open"][3] / rows["closed"][3]))
+    print("  with no load, the open page costs pplex %.2f ms of CPU per second (%.2f %% of a core; "
+          "closed: %.2f ms/s)" % (idle["open"], idle["open"] / 10.0, idle["closed"]))
     return ratio
 
 
@@ -101,6 +126,8 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=5, help="runs per mode (open, closed)")
+    parser.add_argument("--idle-seconds", type=float, default=5.0,
+                        help="seconds of the no-load measurement of pplex's CPU, page closed and open")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--pipeline", type=int, default=1)
     parser.add_argument("--worker", choices=("go", "python", "auto"), default="auto")

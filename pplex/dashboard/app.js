@@ -122,7 +122,11 @@
     for (const dd of document.querySelectorAll("dd")) dd.textContent = "–";
     for (const series of Object.values(history)) series.length = 0;
     previous = null; info = null; cycles = 0; hasCluster = null;
-    stale("locked");
+    $("notice").hidden = true;
+    $("cluster-section").hidden = true;
+    document.title = "pplex";
+    $("freshness").classList.add("stale");
+    $("freshness").textContent = "token needed";
   }
 
   $("login-form").addEventListener("submit", (event) => {

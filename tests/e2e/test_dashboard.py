@@ -175,7 +175,7 @@ def test_a_wrong_token_shows_the_login_and_no_data(start_pplex, start_worker, pa
     expect(page.locator("#dashboard")).to_be_hidden()
     assert page.locator("#workers tbody tr").count() == 0
     assert page.locator("#connections tbody tr").count() == 0
-    assert str(worker.port) not in page.content()
+    assert str(worker.port) not in page.content() and page.title() == "pplex"
 
     page.locator("#token").fill(TOKEN)
     page.locator("#login-form button").click()
