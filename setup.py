@@ -15,8 +15,9 @@ setup(
     version="0.1.0",
     description="TCP-to-gRPC demultiplexing proxy",
     python_requires=">=3.11",
-    packages=["pplex", "pplex._proto", "pplex_plugins"],
+    packages=["pplex", "pplex._proto", "pplex.dashboard", "pplex_plugins"],
     package_dir={"pplex_plugins": "plugins"},
+    package_data={"pplex.dashboard": ["index.html", "app.js", "style.css"]},  # the admin API's page
     install_requires=[
         "grpcio>=1.85.1",          # the gRPC bridge and the worker SDK
         "protobuf>=7.35.1,<8",     # what the committed generated code needs
@@ -30,7 +31,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1",
-                 "hypothesis>=6.100"],  # fuzzing the parsers of outside bytes (PROXY headers)
+                 "hypothesis>=6.100",  # fuzzing the parsers of outside bytes (PROXY headers)
+                 "playwright>=1.40"],  # drives Debian's Chromium in the dashboard tests
     },
     entry_points={
         "console_scripts": ["pplex = pplex.cli:main"],

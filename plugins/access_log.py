@@ -31,12 +31,12 @@ def pplex_configure(context):
 
 @hookimpl
 def pplex_connection_opened(conn):
-    log.info("open uuid=%s remote=%s", conn.uuid, format_peer(conn.peer))
+    log.info("open uuid=%s remote=%s", conn.uuid, format_peer(conn.peer), extra={"uuid": conn.uuid})
 
 
 @hookimpl
 def pplex_connection_authenticated(conn):
-    log.info("auth uuid=%s", conn.uuid)
+    log.info("auth uuid=%s", conn.uuid, extra={"uuid": conn.uuid})
 
 
 @hookimpl
@@ -44,19 +44,21 @@ def pplex_connection_closed(conn, reason):
     clock = _state["clock"]
     duration = clock() - conn.opened if clock is not None else 0.0
     log.info("close uuid=%s remote=%s duration=%.3fs bytes_in=%d bytes_out=%d reason=%s",
-             conn.uuid, format_peer(conn.peer), duration, conn.bytes_in, conn.bytes_out, json.dumps(reason))
+             conn.uuid, format_peer(conn.peer), duration, conn.bytes_in, conn.bytes_out, json.dumps(reason),
+             extra={"uuid": conn.uuid, "reason": reason})
 
 
 @hookimpl
 def pplex_upstream_added(upstream):
-    log.info("upstream added id=%s address=%s", upstream.id, upstream.address)
+    log.info("upstream added id=%s address=%s", upstream.id, upstream.address, extra={"upstream": upstream.address})
 
 
 @hookimpl
 def pplex_upstream_ready(upstream):
-    log.info("upstream ready id=%s address=%s", upstream.id, upstream.address)
+    log.info("upstream ready id=%s address=%s", upstream.id, upstream.address, extra={"upstream": upstream.address})
 
 
 @hookimpl
 def pplex_upstream_lost(upstream, reason):
-    log.info("upstream lost id=%s address=%s reason=%s", upstream.id, upstream.address, json.dumps(reason))
+    log.info("upstream lost id=%s address=%s reason=%s", upstream.id, upstream.address, json.dumps(reason),
+             extra={"upstream": upstream.address, "reason": reason})

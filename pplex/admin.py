@@ -28,7 +28,9 @@ import waitress.channel
 import waitress.server
 import waitress.task
 
+from pplex import dashboard
 from pplex.config import describe_invalid, loads_json, validate_upstream
+from pplex.connection import format_peer
 from pplex.errors import DuplicateUpstream
 from pplex.logs import FAULTS, RateLimited
 
@@ -36,6 +38,7 @@ log = logging.getLogger("pplex.admin")
 
 CALL_TIMEOUT_SECONDS = 5.0
 MAX_PAGE = 1000
+MAX_QUERY_CHARS = 100  # GET /connections?q=: a uuid is 36, an address at most ~47
 OPEN_ROUTES = {"/healthz"}
 MAX_HEADER_BYTES = 64 * 1024
 # Out of file descriptors: the admin listener pauses this long before accepting again.
@@ -106,6 +109,8 @@ def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
     app = bottle.Bottle(catchall=False)
     proxy = app_state.proxy
     control = app_state.control
+    started = time.monotonic()
+    dashboard.install(app)  # GET / and its files: the page shell only, no data, so no token
 
     def route(path, method="GET", status=200):
         def register(handler):
@@ -196,12 +201,22 @@ def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
     def list_connections():
         limit = _int_param("limit", 100, 0, MAX_PAGE)
         offset = _int_param("offset", 0, 0, 1 << 62)
+        query = bottle.request.query.get("q", "").strip().lower()
+        if len(query) > MAX_QUERY_CHARS:
+            raise HTTPError(400, f"q: at most {MAX_QUERY_CHARS} characters", field="q")
 
         def page():
             now = proxy.reactor.clock()
-            conns = itertools.islice(proxy.conns.values(), offset, offset + limit)
-            return {"count": len(proxy.conns), "offset": offset, "limit": limit,
-                    "connections": [proxy.connection_info(c, now) for c in conns]}
+            now = proxy.reactor.clock()
+            body = {"count": len(proxy.conns), "offset": offset, "limit": limit}
+            if query:  # a part of the uuid or of the remote address
+                conns = [c for c in proxy.conns.values() if query in c.uuid or query in format_peer(c.peer)]
+                body["matched"] = len(conns)
+                shown = conns[offset:offset + limit]
+            else:
+                shown = itertools.islice(proxy.conns.values(), offset, offset + limit)
+            body["connections"] = [proxy.connection_info(c, now) for c in shown]
+            return body
         return control.call(page)
 
     @route("/connections/<uuid>", "DELETE")
@@ -219,6 +234,10 @@ def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
     @route("/plugins")
     def plugins():
         return {"plugins": app_state.plugins.describe()}
+
+    @route("/info")
+    def info():
+        return dashboard.describe_instance(app_state, time.monotonic() - started)
 
     @route("/stats")
     def stats():

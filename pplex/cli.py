@@ -1,20 +1,25 @@
 """The `pplex` command: arguments, config loading, startup, signals and exit codes.
 
     pplex [--config pplex.json] [--listen HOST:PORT] [--upstream HOST:PORT]...
-          [--admin HOST:PORT] [--plugins NAME,...] [--transport grpcio|h2] [--log-level LEVEL]
+          [--admin HOST:PORT] [--plugins NAME,...] [--transport grpcio|h2]
+          [--log-level LEVEL] [--log-format text|json]
     pplex demo [same flags]     # plus an embedded echo worker: nc 127.0.0.1 7999
     pplex plugins [same flags]  # list every available plugin
+    pplex check [same flags] [--resolve]  # validate all a start would, print the effective config
 
 Exit codes: 0 after a clean stop (SIGINT/SIGTERM), 1 when a socket cannot be
 bound, 2 for a bad configuration or flag (one line naming the bad value).
+`pplex check` exits 0, or 2 with the line `pplex` would print (a socket that
+cannot be bound included).
 """
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 
-from pplex import __version__
+from pplex import __version__, logs
 from pplex.config import load_file, parse_address, validate, validate_upstream
 from pplex.errors import ConfigError
 
@@ -26,9 +31,10 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="pplex", description="TCP-to-gRPC demultiplexing proxy.",
         epilog="Flags override the config file. See README.md.")
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "demo", "plugins"),
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "demo", "plugins", "check"),
                         help="run (default): the proxy; demo: the proxy plus an embedded echo worker; "
-                             "plugins: list available plugins")
+                             "plugins: list available plugins; check: validate everything a start would "
+                             "and print the effective config as JSON")
     parser.add_argument("--config", metavar="FILE", help="pplex.json, or a config.toml of the original layout")
     parser.add_argument("--listen", metavar="HOST:PORT", help="client listener (default 0.0.0.0:7999)")
     parser.add_argument("--upstream", metavar="HOST:PORT", action="append", default=[],
@@ -39,6 +45,10 @@ def build_parser():
                         help="gRPC client for workers: grpcio (default) or h2 (in the reactor thread)")
     parser.add_argument("--log-level", default=None, type=str.lower, choices=LOG_LEVELS,
                         help="debug, info (default), warning or error; wins over the config's log_level")
+    parser.add_argument("--log-format", choices=logs.LOG_FORMATS,
+                        help="text (default): for people; json: one object per line, for log systems")
+    parser.add_argument("--resolve", action="store_true",
+                        help="with check: also resolve every upstream host name")
     parser.add_argument("--version", action="version", version=f"pplex {__version__}")
     return parser
 
@@ -58,6 +68,8 @@ def load_config(args):
         raw["upstream"] = [dict(zip(("host", "port"), parse_address(a, "--upstream"))) for a in args.upstream]
     if args.transport:
         raw["transport"] = args.transport
+    if args.log_format:
+        raw["log_format"] = args.log_format
     if args.plugins is not None:
         names = [n.strip() for n in args.plugins.split(",") if n.strip()]
         configured = raw.get("plugins") or {}
@@ -69,15 +81,21 @@ def load_config(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=(args.log_level or "info").upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args)
-        if args.log_level is None and config.get("log_level"):
-            logging.getLogger().setLevel(config["log_level"].upper())
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    level = args.log_level or config.get("log_level") or "info"
+    if args.command == "check" and LOG_LEVELS.index(level) < LOG_LEVELS.index("warning"):
+        level = "warning"  # check's stderr is its one error line, not a startup's info lines
+    logs.configure(level, config["log_format"])
+    try:
         if args.command == "plugins":
             return list_plugins(config)
         token = config["management_server"].get("token") or os.environ.get("PPLEX_ADMIN_TOKEN") or None
+        if args.command == "check":
+            return run_check(args, config, token)
         demo_worker = None
         if args.command == "demo":
             demo_worker = start_demo_worker(config)
@@ -122,6 +140,11 @@ def install_signal_handlers(app):
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+def run_check(args, config, token):
+    from pplex.check import check
+    effective = check(config, args.config or "config", token=token, resolve=args.resolve)
+    print(json.dumps(effective, indent=2))
+    return 0
 
 
 def start_demo_worker(config):

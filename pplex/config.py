@@ -13,6 +13,7 @@ import voluptuous as vol
 
 from pplex import limits, proxyproto
 from pplex.errors import ConfigError
+from pplex.logs import LOG_FORMATS
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
 
@@ -126,6 +127,8 @@ SCHEMA = vol.Schema({
     vol.Optional("plugins", default={}): _plugins,
     # how pplex speaks gRPC to workers: "grpcio" (its threads) or "h2" (HTTP/2 in the reactor thread)
     vol.Optional("transport", default="grpcio"): vol.In(("grpcio", "h2")),
+    # how log lines are written on stderr: "text" for people, "json" (one object per line) for log systems
+    vol.Optional("log_format", default="text"): vol.In(LOG_FORMATS),
 })
 
 UPSTREAM_SCHEMA = vol.Schema(UPSTREAM)

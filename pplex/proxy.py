@@ -399,7 +399,7 @@ class Proxy:
             self.stats.unconfirmed += unconfirmed
             log.warning("upstream %s: %d message(s) written to its stream before it broke are "
                         "unconfirmed (at-most-once)", upstream.address, unconfirmed,
-                        extra={"upstream": upstream.id})
+                        extra={"upstream": upstream.address})
         if resend:
             routed, lost = self.reroute(resend)
             self.stats.redelivered += routed
@@ -407,14 +407,14 @@ class Proxy:
                 self.stats.drop("client_gone", lost)
             log.warning("upstream %s: sent again %d message(s) it may not have read "
                         "(redeliver_unconfirmed: at-least-once)", upstream.address, routed,
-                        extra={"upstream": upstream.id})
+                        extra={"upstream": upstream.address})
         if unsent:
             routed, lost = self.reroute(unsent)
             self.stats.rerouted += routed
             if lost:
                 self.stats.drop("client_gone", lost)
             log.info("upstream %s: re-routed %d unsent message(s)%s", upstream.address, routed,
-                     f", {lost} for clients already gone" if lost else "", extra={"upstream": upstream.id})
+                     f", {lost} for clients already gone" if lost else "", extra={"upstream": upstream.address})
         if self.paused_clients:
             self._resume_paused()
 

@@ -38,7 +38,7 @@ class Stats:
         now = time.monotonic()
         if now - self._unknown_logged_at >= UNKNOWN_LOG_INTERVAL:
             log.info("reply for unknown client %s (%d such replies since the last line)",
-                     client_uuid, self._unknown_since_log)
+                     client_uuid, self._unknown_since_log, extra={"uuid": client_uuid})
             self._unknown_logged_at = now
             self._unknown_since_log = 0
 

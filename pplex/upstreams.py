@@ -145,7 +145,7 @@ class Upstreams:
         self.by_link[upstream.link] = upstream
         log.info("upstream %s %s added (alive_timeout %ss, ready_timeout %ss)",
                  upstream.id, upstream.address, upstream.alive_timeout, upstream.ready_timeout,
-                 extra={"upstream": upstream.id})
+                 extra={"upstream": upstream.address})
         if self._notify_added:
             self._notify_added(upstream)
         self._probe(upstream)
@@ -164,7 +164,7 @@ class Upstreams:
         self.by_link.pop(upstream.link, None)
         self._link_call(upstream, "close", upstream.link.close)
         log.info("upstream %s %s removed (%s)", upstream.id, upstream.address, reason,
-                 extra={"upstream": upstream.id})
+                 extra={"upstream": upstream.address})
         return upstream
 
     def drain(self, upstream_id):
@@ -228,7 +228,7 @@ class Upstreams:
         if not health.ready_answer(ok):
             if upstream.state is State.CONNECTING:  # its first probes: each one is news
                 log.warning("upstream %s %s not ready: %s", upstream.id, upstream.address, detail,
-                            extra={"upstream": upstream.id})
+                            extra={"upstream": upstream.address})
             elif upstream.last_error != detail:     # a worker that stays down: only changes, rate limited
                 _limited.warning(log, ("not ready", upstream.id), "upstream %s %s not ready: %s",
                                  upstream.id, upstream.address, detail)
@@ -268,7 +268,7 @@ class Upstreams:
         self.ready.append(upstream)
         self._arm_live(upstream)
         self._arm_stall_check(upstream)
-        log.info("upstream %s %s ready", upstream.id, upstream.address, extra={"upstream": upstream.id})
+        log.info("upstream %s %s ready", upstream.id, upstream.address, extra={"upstream": upstream.address})
         if self._notify_ready:
             self._notify_ready(upstream)
         self.proxy.upstream_ready(upstream)
@@ -359,7 +359,7 @@ class Upstreams:
         out_for = upstream.health.eject(now)
         log.warning("upstream %s %s left rotation: %s (ejection %d in a row: out for at least %.1f s)",
                     upstream.id, upstream.address, reason, upstream.health.ejections, out_for,
-                    extra={"upstream": upstream.id, "reason": reason})
+                    extra={"upstream": upstream.address, "reason": reason})
         upstream.state = State.UNREADY
         self._leave_rotation(upstream, reason)
         self._retry_later(upstream, at_least=out_for)
@@ -377,7 +377,7 @@ class Upstreams:
         self._link_call(upstream, "close_send", upstream.link.close_send)
         upstream.drain_timer = self.reactor.call_later(upstream.drain_timeout, self._drain_deadline, upstream)
         log.info("upstream %s %s draining: %s", upstream.id, upstream.address, why,
-                 extra={"upstream": upstream.id})
+                 extra={"upstream": upstream.address})
         if self._notify_lost:
             self._notify_lost(upstream, f"draining: {why}")
         if batch:
@@ -398,7 +398,7 @@ class Upstreams:
             self.remove(upstream.id, f"drained: {how}")
         else:
             log.info("upstream %s %s drained (%s); probing it again", upstream.id, upstream.address, how,
-                     extra={"upstream": upstream.id})
+                     extra={"upstream": upstream.address})
             upstream.failures = 0
             self._retry_later(upstream)
 

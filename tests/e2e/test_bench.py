@@ -35,3 +35,18 @@ def test_bench_runs_every_row_and_prints_the_headline(tmp_path):
         assert ratios["closed_loop"][0]["pplex_over_haproxy"] > 0
         assert ratios["pipelined"]["pplex_over_haproxy"] > 0
         assert f"HEADLINE  pplex ({transport})" in done.stdout
+
+
+def test_bench_dashboard_runs_with_the_page_open_and_closed_and_prints_the_ratio():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.dashboard", "--clients", "2", "--seconds", "1.5", "--warmup", "0.2",
+         "--rounds", "1", "--transport", "h2", "--idle-seconds", "0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("dashboard cost, h2 transport: 2 clients")
+    assert "dashboard closed" in lines[1] and "dashboard open  " in lines[2]
+    polled = float(lines[2].split("the page made ")[1].split(" requests/s")[0])
+    assert polled > 0  # the open page really polled the admin API
+    assert lines[3].strip().startswith("open/closed ")
+    assert lines[-1].strip().startswith("with no load, the open page costs pplex ")
