@@ -75,7 +75,10 @@ def test_flags_apply_and_secrets_are_redacted(tmp_path):
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     assert config["log_format"] == "json" and config["transport"] == "h2"
-    assert config["upstream"] == [{"host": "localhost", "port": 50051, "alive_timeout": 30, "ready_timeout": 5}]
+    [upstream] = config["upstream"]
+    assert (upstream["host"], upstream["port"], upstream["alive_timeout"], upstream["ready_timeout"]) == (
+        "localhost", 50051, 30, 5)
+    assert upstream["max_message_bytes"] == 4 * 1024 * 1024  # every effective value is shown
     assert config["management_server"]["token"] == "<redacted>"
     assert config["plugins"]["auth_token"]["tokens"] == ["<redacted>"]
     assert "hunter2" not in result.stdout and "letmein" not in result.stdout

@@ -50,8 +50,8 @@ def test_every_line_of_a_run_is_a_json_object_with_the_stable_keys(start_pplex, 
         assert TIMESTAMP.match(record["ts"]) and record["level"] in ("DEBUG", "INFO", "WARNING", "ERROR"), line
         records.append(record)
     assert any(r["logger"] == "pplex.upstreams" and r["level"] == "WARNING" and r.get("upstream") == killed
-               and r["msg"].endswith("left rotation: " + r["reason"]) for r in records)
-    bad_close = [r for r in records if r.get("reason", "").startswith("bad input")]
+               and ("left rotation: " + r["reason"]) in r["msg"] for r in records)
+    bad_close = [r for r in records if r.get("reason") == "protocol_error" and "bad input" in r["msg"]]
     assert bad_close and all(len(r["uuid"]) == 36 for r in bad_close)
     opened = {r["uuid"] for r in records if r["logger"] == "pplex.access" and r["msg"].startswith("open ")}
     assert len(opened) == 5
