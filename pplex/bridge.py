@@ -29,7 +29,7 @@ from google.protobuf import empty_pb2
 from pplex import limits
 from pplex._proto import upstream_pb2, upstream_pb2_grpc
 from pplex.logs import FAULTS
-from pplex.transport import Link, Transport
+from pplex.transport import CLEAN_END, Link, Transport
 
 log = logging.getLogger("pplex.bridge")
 
@@ -188,7 +188,7 @@ class GrpcLink(Link):
                     state.wake_posted = True
                 if wake:
                     self._post(self._deliver, state)
-            detail = "worker ended the data stream"
+            detail = CLEAN_END
         except Exception as error:
             detail = describe_rpc_error(error)
         with cond:

@@ -60,7 +60,7 @@ from pplex.grpcwire import (
     grpc_timeout, window_update)
 from pplex.logs import FAULTS
 from pplex.reactor import READ, WRITE
-from pplex.transport import Link, Transport
+from pplex.transport import CLEAN_END, Link, Transport
 
 log = logging.getLogger("pplex.h2link")
 
@@ -232,7 +232,7 @@ class _DataCall(_Call):
         self.finished = True
         if not self.stopped:
             self.link._emit(self.link.events.on_stream_closed,
-                            "worker ended the data stream" if detail is None else detail)
+                            CLEAN_END if detail is None else detail)
 
     def push(self):
         """Hand as much of the waiting batch to h2 as the windows allow; END_STREAM once asked and done."""

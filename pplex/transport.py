@@ -13,6 +13,9 @@ Messages travel in batches: a batch is a flat list
 building one costs three appends per message and no tuple.
 """
 
+# How a data stream the worker ended with status OK is reported (`LinkEvents.on_stream_closed`).
+CLEAN_END = "worker ended the data stream"
+
 
 class Link:
     """One worker, as seen by the core. Every method is called on the reactor thread.

@@ -27,6 +27,7 @@ from pplex import limits
 from pplex.errors import DuplicateUpstream
 from pplex.health import Health, State
 from pplex.logs import FAULTS, RateLimited
+from pplex.transport import CLEAN_END
 
 log = logging.getLogger("pplex.upstreams")
 _limited = RateLimited()
@@ -325,7 +326,10 @@ class Upstreams:
         if upstream is None:
             return
         if upstream.state is State.DRAINING:
-            self._end_drain(upstream, f"it ended its stream ({detail})")
+            if detail == CLEAN_END:
+                self._end_drain(upstream, "it ended its stream")
+            else:
+                self._end_drain(upstream, f"data stream closed while draining: {detail}", broke=True)
         elif upstream.state is State.READY:
             self._lost(upstream, f"data stream closed: {detail}")
 
@@ -352,7 +356,7 @@ class Upstreams:
     def _lost(self, upstream, reason):
         """It failed while in rotation (or draining): eject it; what it held goes elsewhere."""
         if upstream.state is State.DRAINING:
-            self._end_drain(upstream, f"lost while draining: {reason}")
+            self._end_drain(upstream, f"lost while draining: {reason}", broke=True)
             return
         now = self.reactor.clock()
         upstream.last_error = reason
@@ -387,11 +391,15 @@ class Upstreams:
     def _drain_deadline(self, upstream):
         upstream.drain_timer = None
         if upstream.state is State.DRAINING:
-            self._end_drain(upstream, f"drain_timeout ({upstream.drain_timeout:g} s) passed")
+            self._end_drain(upstream, f"drain_timeout ({upstream.drain_timeout:g} s) passed", broke=True)
 
-    def _end_drain(self, upstream, how):
+    def _end_drain(self, upstream, how, broke=False):
         then = upstream.drain_then
         self._cancel_timer(upstream, "drain_timer")
+        if broke:  # not the clean end a drain waits for: what it held may be lost
+            upstream.last_error = how
+            log.warning("upstream %s %s left rotation: %s", upstream.id, upstream.address, how,
+                        extra={"upstream": upstream.address, "reason": how})
         upstream.state = State.UNREADY
         self._leave_rotation(upstream, how)
         if then == "remove":
