@@ -26,9 +26,12 @@ setup(
         "voluptuous>=0.14",        # config and request validation
         "prometheus_client>=0.20",  # GET /metrics
         "h2>=4.1,<5",              # the h2 transport (--transport h2): HTTP/2 in the reactor thread
+        "nats-py>=2.9,<3",         # cluster.broker nats://: the official NATS client (NATS core pub/sub)
+        "redis>=5.0",              # cluster.broker redis://: the official Redis client (asyncio pub/sub)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1"],
+        # PyYAML: the test that checks the Kubernetes example manifests offline
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1", "PyYAML>=6"],
     },
     entry_points={
         "console_scripts": ["pplex = pplex.cli:main"],

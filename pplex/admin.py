@@ -13,8 +13,9 @@ import bottle
 import voluptuous
 import waitress
 
+from pplex import admin_cluster
 from pplex.config import describe_invalid, loads_json, validate_upstream
-from pplex.errors import DuplicateUpstream
+from pplex.errors import AdminRefusal, DuplicateUpstream
 
 log = logging.getLogger("pplex.admin")
 
@@ -93,7 +94,7 @@ def build_app(app_state, token=None, metrics=None):
                 try:
                     _check_token(path)
                     result = handler(**kwargs)
-                except HTTPError as error:
+                except (HTTPError, AdminRefusal) as error:
                     return _respond(error.status, error.body)
                 if isinstance(result, bottle.HTTPResponse):
                     return result
@@ -119,7 +120,7 @@ def build_app(app_state, token=None, metrics=None):
         ready = control.call(lambda: len(proxy.ready))
         if not ready:
             raise HTTPError(503, "no upstream worker is ready", ready_upstreams=0)
-        return {"status": "ready", "ready_upstreams": ready}
+        return {"status": "ready", "ready_upstreams": ready, **admin_cluster.readiness(app_state)}
 
     def add_upstream():
         body = _json_body()
@@ -162,25 +163,19 @@ def build_app(app_state, token=None, metrics=None):
     def list_connections():
         limit = _int_param("limit", 100, 0, MAX_PAGE)
         offset = _int_param("offset", 0, 0, 1 << 62)
+        return admin_cluster.connections(app_state, limit, offset, bottle.request.query.get("scope"))
 
-        def page():
-            now = proxy.reactor.clock()
-            conns = list(proxy.conns.values())[offset:offset + limit]
-            return {"count": len(proxy.conns), "offset": offset, "limit": limit,
-                    "connections": [proxy.connection_info(c, now) for c in conns]}
-        return control.call(page)
+    @route("/connections/<uuid>")
+    def get_connection(uuid):
+        return admin_cluster.connection(app_state, uuid)
 
     @route("/connections/<uuid>", "DELETE")
     def close_connection(uuid):
-        def close():
-            conn = proxy.conns.get(uuid)
-            if conn is None:
-                return False
-            proxy.close(conn, "closed through the admin API")
-            return True
-        if not control.call(close):
-            raise HTTPError(404, f"no connection {uuid}")
-        return {"closed": uuid}
+        return admin_cluster.connection(app_state, uuid, close=True)
+
+    @route("/cluster")
+    def cluster():
+        return admin_cluster.cluster_view(app_state)
 
     @route("/plugins")
     def plugins():
@@ -188,7 +183,7 @@ def build_app(app_state, token=None, metrics=None):
 
     @route("/stats")
     def stats():
-        return control.call(lambda: proxy.stats.snapshot(proxy.conns.values()))
+        return admin_cluster.stats(app_state, bottle.request.query.get("scope"))
 
     @route("/metrics")
     def metrics_text():

@@ -10,8 +10,8 @@ one write. Everything here runs on the reactor thread.
 import collections
 import logging
 import socket
-import uuid as uuid_module
 
+from pplex import node
 from pplex.connection import Connection, format_peer
 from pplex.errors import FrameError
 from pplex.reactor import READ
@@ -55,6 +55,8 @@ class Proxy:
         self._accept_retry = None
         self._stamp = None
         self._verbose = log.isEnabledFor(logging.INFO)
+        self.new_uuid = node.current.uuid_maker()  # UUIDv4 whose first 8 hex digits name this node
+        self.cluster = None  # pplex.cluster.Cluster when cluster.broker is set (App sets it)
 
         framing = plugins.framing()
         self.decode = framing.decode
@@ -78,13 +80,15 @@ class Proxy:
         reactor.add_pass_end(self._end_of_pass)
 
     # -- listening -----------------------------------------------------------
-    def listen(self, host, port, backlog=1024):
-        """Bind and listen; return the bound (host, port)."""
+    def listen(self, host, port, backlog=1024, reuse_port=False):
+        """Bind and listen; return the bound (host, port). `reuse_port`: share the port (--processes)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         if family == socket.AF_INET and not host.replace(".", "").isdigit():
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, port))
         except OSError as error:
@@ -140,7 +144,7 @@ class Proxy:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         now = self.reactor.clock()
-        conn = Connection(self, sock, str(uuid_module.uuid4()), peer, now)
+        conn = Connection(self, sock, self.new_uuid(), peer, now)
         self.conns[conn.uuid] = conn
         self.reactor.register(sock, READ, conn)
         self.stats.opened += 1
@@ -285,6 +289,8 @@ class Proxy:
     def on_reply(self, link, client_uuid, payload):
         conn = self.conns.get(client_uuid)
         if conn is None:
+            if self.cluster is not None and self.cluster.relay_reply(link, client_uuid, payload):
+                return  # another node's client: relayed to it
             self.stats.drop("unknown_uuid")
             self.stats.note_unknown(client_uuid, log)
             return
@@ -299,6 +305,8 @@ class Proxy:
         data = self.encode(payload)
         for conn in targets:
             conn.send(data)
+        if self.cluster is not None:
+            self.cluster.relay_broadcast(link, kind, payload)
 
     def on_bad_message(self, link, reason):
         up = self.upstreams.by_link.get(link)

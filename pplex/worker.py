@@ -12,7 +12,10 @@ A worker is a gRPC server for `proto/upstream.proto`. Each pplex instance
 opens one data stream to it; `on_message` runs for every client message, in
 order per stream, on that stream's reader thread. `stream.reply` answers one
 client; `stream.broadcast` (or `Worker.broadcast`, for every connected pplex)
-reaches a set of clients. Override `is_ready` / `is_live` to drive pplex's
+reaches a set of clients. `stream.node` and `stream.cluster` say which pplex
+node opened the stream (its `pplex-node` and `pplex-cluster` headers): nodes
+of one cluster relay a broadcast to each other, so `Worker.broadcast` sends it
+on one stream per cluster, and on every stream of a pplex that is not in one. Override `is_ready` / `is_live` to drive pplex's
 health checks. `python -m pplex.worker --port N` runs the echo worker that
 `pplex demo` embeds.
 """
@@ -36,10 +39,16 @@ _END = object()
 
 
 class Stream:
-    """One pplex instance's data stream; replies go back on it, in order."""
+    """One pplex instance's data stream; replies go back on it, in order.
 
-    def __init__(self):
+    `node`: the pplex node that opened it (None for a pplex that does not say);
+    `cluster`: its cluster's name, None when it is not part of one.
+    """
+
+    def __init__(self, node=None, cluster=None):
         self._out = queue.SimpleQueue()
+        self.node = node
+        self.cluster = cluster
 
     def reply(self, client_uuid, payload):
         self._out.put(upstream_pb2.OutputStreamRequest(
@@ -60,7 +69,7 @@ class Worker:
     """Base class: override `on_message`; optionally `is_ready`, `is_live`, `on_stream_end`."""
 
     def __init__(self):
-        self._streams = set()
+        self._streams = {}  # Stream -> None: an ordered set
         self._lock = threading.Lock()
         self.server = None
         self.port = None
@@ -80,11 +89,19 @@ class Worker:
 
     # -- tools ---------------------------------------------------------------
     def broadcast(self, payload, kind=BROADCAST_ALL):
-        """Broadcast on every open data stream (every pplex connected)."""
-        with self._lock:
-            streams = list(self._streams)
-        for stream in streams:
+        """Broadcast to every client of every pplex connected: once per cluster, once per lone pplex."""
+        clusters = set()
+        for stream in self.streams():
+            if stream.cluster is not None:
+                if stream.cluster in clusters:
+                    continue  # its nodes relay it to each other
+                clusters.add(stream.cluster)
             stream.broadcast(payload, kind)
+
+    def streams(self):
+        """The open data streams (one per connected pplex node), oldest first."""
+        with self._lock:
+            return list(self._streams)
 
     def stream_count(self):
         with self._lock:
@@ -130,9 +147,10 @@ class _Servicer(upstream_pb2_grpc.UpstreamPeerServiceServicer):
 
     def bidirectionalStreaming(self, request_iterator, context):
         worker = self.worker
-        stream = Stream()
+        headers = dict(context.invocation_metadata() or ())
+        stream = Stream(headers.get("pplex-node"), headers.get("pplex-cluster"))
         with worker._lock:
-            worker._streams.add(stream)
+            worker._streams[stream] = None
         context.add_callback(stream.end)
         threading.Thread(target=self._read, args=(stream, request_iterator),
                          name="pplex-worker-reader", daemon=True).start()
@@ -145,7 +163,7 @@ class _Servicer(upstream_pb2_grpc.UpstreamPeerServiceServicer):
                 yield message
         finally:
             with worker._lock:
-                worker._streams.discard(stream)
+                worker._streams.pop(stream, None)
             worker.on_stream_end(stream)
 
     def _read(self, stream, request_iterator):

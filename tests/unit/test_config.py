@@ -11,9 +11,10 @@ from tests.helpers import ROOT
 def test_defaults_fill_every_section():
     config = validate({})
     assert config["server"] == {"host": "0.0.0.0", "port": 7999, "idle_timeout": 0, "active_window": 30,
-                                "max_pending_bytes": 1048576, "max_connections": 100000}
+                                "max_pending_bytes": 1048576, "max_connections": 100000, "processes": 1}
     assert config["management_server"] == {"host": "127.0.0.1", "port": 8000}
     assert config["upstream"] == [] and config["plugins"] == {}
+    assert config["cluster"] == {"name": "pplex", "heartbeat": 2, "dead_after": 6, "admin_timeout": 2}
 
 
 def test_upstream_timeouts_default_and_dns_names_are_hosts():
