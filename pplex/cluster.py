@@ -314,6 +314,8 @@ class Cluster:
             self._hello = False
 
     def _apply_heartbeat(self, origin_tag, instance, body):
+        if len(body) > limits.HEARTBEAT_MAX_BYTES:  # kept per peer: a bounded size each
+            raise relaywire.BadFrame(f"heartbeat of {len(body)} bytes (at most {limits.HEARTBEAT_MAX_BYTES})")
         try:
             info = loads_json(bytes(body))
         except (ValueError, UnicodeDecodeError) as error:

@@ -142,6 +142,8 @@ MAX_NODES = 1024
 MAX_PENDING_ASKS = 256
 # Upstreams listed in one heartbeat (the rest are only counted).
 HEARTBEAT_UPSTREAMS = 64
+# A heartbeat from another node larger than this is dropped (each live node's latest is kept).
+HEARTBEAT_MAX_BYTES = 64 * KiB
 # Connections listed per node by GET /connections?scope=cluster (offset + limit).
 CLUSTER_PAGE_MAX = 1000
 

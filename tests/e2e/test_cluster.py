@@ -50,7 +50,8 @@ def start_cluster(start_pplex, start_worker, broker, names=("a", "b", "c")):
     workers = [start_worker(ClusterWorker()), start_worker(ClusterWorker())]
     nodes = {}
     for name in names:
-        nodes[name] = start_pplex(config={
+        # Node c speaks to the workers with the h2 transport, the others with grpcio: one cluster.
+        nodes[name] = start_pplex(*(("--transport", "h2") if name == "c" else ()), config={
             "upstream": [{"host": "127.0.0.1", "port": w.port} for w in workers],
             "server": {"active_window": 60},
             "cluster": {"broker": broker.url, "node": name, "heartbeat": HEARTBEAT, "dead_after": DEAD_AFTER},

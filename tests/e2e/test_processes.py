@@ -33,6 +33,13 @@ class Supervised:
             stdout=subprocess.PIPE, stderr=self.log_file, cwd=ROOT, start_new_session=True)
         self.children = []
         self.port = None
+        try:
+            self._read_startup()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read_startup(self):
         lines = queue.Queue()
         threading.Thread(target=lambda: [lines.put(raw.decode()) for raw in self.proc.stdout], daemon=True).start()
         deadline = time.monotonic() + 40
@@ -61,7 +68,11 @@ class Supervised:
     def stop(self):
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(20)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the children too
+                self.proc.wait(5)
         self.log_file.close()
 
 
@@ -74,9 +85,17 @@ def pid_alive(pid):
         return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@pytest.mark.skipif(not available("nats"), reason="nats-server not installed (./dev test installs it)")
-def test_two_processes_share_the_port_and_act_as_one(tmp_path, start_worker):
+@pytest.fixture
+def nats(tmp_path):
+    if not available("nats"):
+        pytest.skip("nats-server not installed (./dev test installs it)")
     broker = BrokerProcess("nats", tmp_path)
+    yield broker
+    broker.stop()
+
+
+def test_two_processes_share_the_port_and_act_as_one(tmp_path, start_worker, nats):
+    broker = nats
     worker = start_worker(ClusterWorker())
     supervised = Supervised(tmp_path, {
         "upstream": [{"host": "127.0.0.1", "port": worker.port}],
@@ -107,7 +126,6 @@ def test_two_processes_share_the_port_and_act_as_one(tmp_path, start_worker):
     finally:
         pids = [c["pid"] for c in supervised.children]
         supervised.stop()
-        broker.stop()
     assert supervised.proc.returncode == 0
     wait_for(lambda: not any(pid_alive(p) for p in pids), 10, message="children stopped with the parent")
 
