@@ -87,7 +87,7 @@ def load_config(args, prepare=None):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(node)s %(name)s: %(message)s")
+                        format="%(asctime)s %(node)s %(levelname)s %(name)s: %(message)s")
     node.install_log_field()
     child = supervisor.child_settings()
     demo_broker = None
