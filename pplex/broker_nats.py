@@ -10,7 +10,7 @@ connection is seen, counted and reported the same way for NATS and Redis.
 import asyncio
 
 import nats
-from nats.errors import Error as NatsError
+from nats.errors import Error as NatsError, SlowConsumerError
 
 from pplex import limits, node
 from pplex.broker import BrokerClient
@@ -26,23 +26,31 @@ class NatsClient(BrokerClient):
         self.url = url
         self.nc = None
         self._lost = None
+        self.slow_consumer_drops = 0
 
     async def connect(self, subjects, deliver):
         loop = asyncio.get_running_loop()
         self._lost = loop.create_future()
+
+        last_error = ["disconnected from the server"]
 
         def lost(detail):
             if not self._lost.done():
                 self._lost.set_result(detail)
 
         async def on_error(error):
-            lost(f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__)
+            # Errors come before a disconnect (which ends the connection) or alone (a slow
+            # consumer: messages the server dropped for us; at most once, the connection goes on).
+            if isinstance(error, SlowConsumerError):
+                self.slow_consumer_drops += 1
+                return
+            last_error[0] = f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__
 
         async def on_disconnected():
-            lost("disconnected from the server")
+            lost(last_error[0])
 
         async def on_closed():
-            lost("connection closed")
+            lost(last_error[0])
 
         self.nc = await nats.connect(
             servers=[self.url], name=f"pplex {node.current.id}", allow_reconnect=False,

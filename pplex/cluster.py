@@ -175,8 +175,6 @@ class Cluster:
         if up and not was_up:
             self._hello = True
             self._send_heartbeat()
-        elif was_up and not up:
-            self._pending.clear()  # what this pass gathered cannot go out: counted by the broker
 
     # -- relaying (called by the proxy) ------------------------------------------
     def relay_broadcast(self, link, kind, payload):

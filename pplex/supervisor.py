@@ -3,7 +3,7 @@
 One Python process runs one reactor thread, so one pplex process uses about
 one core. With `server.processes` (or `--processes`) N > 1, this parent
 process starts N children (`python -m pplex`, the validated config handed
-over in the `PPLEX_CHILD` environment variable) and supervises them:
+over on the child's stdin, never in its environment or arguments) and supervises them:
 
 - **Client port.** Every child opens its own listening socket on the same
   address with `SO_REUSEPORT`; the kernel spreads new connections over them
@@ -51,9 +51,16 @@ STABLE_SECONDS = 60.0
 
 
 def child_settings():
-    """In a child: {"index", "node", "config"} from the parent (removed from the environment), else None."""
-    raw = os.environ.pop(CHILD_ENV, None)
-    return json.loads(raw) if raw else None
+    """In a child (`PPLEX_CHILD=1`): {"index", "node", "config"}, the first line of stdin; else None."""
+    if os.environ.pop(CHILD_ENV, None) != "1":
+        return None
+    raw = b""
+    while not raw.endswith(b"\n"):
+        chunk = os.read(0, 65536)
+        if not chunk:
+            raise SystemExit("pplex: the parent process went away before handing over the config")
+        raw += chunk
+    return json.loads(raw)
 
 
 def watch_parent(stop):
@@ -120,10 +127,14 @@ class Supervisor:
         return config
 
     def spawn(self, child):
-        env = {**os.environ, CHILD_ENV: json.dumps({"index": child.index, "node": self.base,
-                                                    "config": self.child_config(child.index)})}
         child.proc = subprocess.Popen([sys.executable, "-m", "pplex", "--log-level", self.log_level],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env={**os.environ, CHILD_ENV: "1"})
+        # The config (a token may be in it) goes through the pipe; the pipe then stays open:
+        # its end of file tells the child that the parent is gone.
+        settings = {"index": child.index, "node": self.base, "config": self.child_config(child.index)}
+        child.proc.stdin.write(json.dumps(settings).encode() + b"\n")
+        child.proc.stdin.flush()
         child.started = time.monotonic()
         child.restart_at = None
 
