@@ -120,6 +120,7 @@ class Broker:
         self.connects = 0
         self.detail = "connecting"
         self.max_payload = BrokerClient.max_payload  # the connected server's, once known
+        self.client = None  # the latest connection (its own counters, e.g. NATS slow-consumer errors)
 
     @property
     def up(self):
@@ -236,6 +237,7 @@ class Broker:
             failures = 0
             self.connects += 1
             self.max_payload = client.max_payload
+            self.client = client
             if down_since is not None:
                 log.warning("broker %s reachable again after %.1f s; relaying resumes",
                             self.shown_url, time.monotonic() - down_since)

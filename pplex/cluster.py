@@ -486,6 +486,9 @@ class Cluster:
         dropped = dict(self.dropped)
         if broker.inbound_dropped:
             dropped["inbound_overflow"] = broker.inbound_dropped
+        slow = getattr(broker.client, "slow_consumer_drops", 0)
+        if slow:  # the NATS server dropped messages for this node (it read too slowly)
+            dropped["slow_consumer"] = slow
         return {
             "broker": broker.shown_url, "broker_up": self.up, "broker_detail": self.broker_detail,
             "nodes": 1 + len(self.peers), "relayed_out": self.relayed_out.get("relays", 0),

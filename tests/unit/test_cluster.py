@@ -18,6 +18,7 @@ class FakeBroker:
         self.refuse = None
         self.lost_relays = self.inbound_dropped = self.published_frames = self.connects = 0
         self.shown_url = SETTINGS["broker"]
+        self.client = None
 
     def publish(self, subject, frame, count=1):
         if self.refuse:
