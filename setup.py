@@ -28,11 +28,14 @@ setup(
         "prometheus_client>=0.20",  # GET /metrics
         "h2>=4.1,<5",              # the h2 transport (--transport h2): HTTP/2 in the reactor thread
         "google-crc32c>=1.5",      # PROXY v2 headers' CRC32C TLV (C, with a pure-Python fallback)
+        "nats-py>=2.9,<3",         # cluster.broker nats://: the official NATS client (NATS core pub/sub)
+        "redis>=5.0",              # cluster.broker redis://: the official Redis client (asyncio pub/sub)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1",
                  "hypothesis>=6.100",  # fuzzing the parsers of outside bytes (PROXY headers)
-                 "playwright>=1.40"],  # drives Debian's Chromium in the dashboard tests
+                 "playwright>=1.40",   # drives Debian's Chromium in the dashboard tests
+                 "PyYAML>=6"],         # the test that checks the Kubernetes example manifests offline
     },
     entry_points={
         "console_scripts": ["pplex = pplex.cli:main"],

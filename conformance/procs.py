@@ -28,9 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
 POLL_SECONDS = 0.01
 STARTUP_LINE = re.compile(r"pplex listening on (\S+):(\d+), admin API on http://(\S+):(\d+)")
-# pplex's health-cycle log lines (pplex/upstreams.py), at level info and warning.
+# pplex's health-cycle log lines (pplex/upstreams.py), at level info and warning; the node id
+# before the level is optional (pplex writes it since it has one).
 UPSTREAM_EVENT = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+: upstream (u\d+) (\S+) "
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (?:\S+ )?\S+ \S+: upstream (u\d+) (\S+) "
     r"(ready|left rotation: .*|not ready: .*)$")
 
 _running = []

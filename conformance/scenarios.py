@@ -492,7 +492,7 @@ def unknown_uuid(ctx):
         raise Fail(f"pplex: counted {dropped} unknown_uuid drops in /stats for 1 reply to an unknown UUID",
                    subject="pplex")
     status, text = pplex.admin("GET", "/metrics")
-    match = re.search(r'pplex_drops(?:_total)?\{reason="unknown_uuid"\} ([0-9.e+]+)', text if status == 200 else "")
+    match = re.search(r'pplex_drops(?:_total)?\{[^}]*reason="unknown_uuid"[^}]*\} ([0-9.e+]+)', text if status == 200 else "")
     if not match or float(match.group(1)) < 1:
         raise Fail("pplex: /metrics has no pplex_drops{reason=\"unknown_uuid\"} count", subject="pplex")
     after_payload = b"after-" + token()

@@ -15,7 +15,6 @@ process is out of file descriptors instead of spinning.
 """
 import errno
 import hmac
-import itertools
 import json
 import logging
 import threading
@@ -28,10 +27,9 @@ import waitress.channel
 import waitress.server
 import waitress.task
 
-from pplex import dashboard
+from pplex import admin_cluster, dashboard
 from pplex.config import describe_invalid, loads_json, validate_upstream
-from pplex.connection import format_peer
-from pplex.errors import DuplicateUpstream
+from pplex.errors import AdminRefusal, DuplicateUpstream
 from pplex.logs import FAULTS, RateLimited
 
 log = logging.getLogger("pplex.admin")
@@ -106,7 +104,8 @@ def _int_param(name, default, low, high):
 
 def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
     """The Bottle app. `app_state` is the running `pplex.app.App` (proxy, control, plugins)."""
-    app = bottle.Bottle(catchall=False)
+    app = bottle.Bottle()
+    app.config["catchall"] = False
     proxy = app_state.proxy
     control = app_state.control
     started = time.monotonic()
@@ -119,7 +118,7 @@ def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
                     _check_token(path)
                     _check_body_size()
                     result = handler(**kwargs)
-                except HTTPError as error:
+                except (HTTPError, AdminRefusal) as error:
                     return _respond(error.status, error.body)
                 except Exception:
                     # The fault boundary of an admin handler: counted, logged, a JSON 500.
@@ -159,7 +158,7 @@ def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
             raise HTTPError(503, "shutting down: not accepting clients", ready_upstreams=ready)
         if not ready:
             raise HTTPError(503, "no upstream worker is ready", ready_upstreams=0)
-        return {"status": "ready", "ready_upstreams": ready}
+        return {"status": "ready", "ready_upstreams": ready, **admin_cluster.readiness(app_state)}
 
     def add_upstream():
         body = _json_body()
@@ -204,32 +203,19 @@ def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
         query = bottle.request.query.get("q", "").strip().lower()
         if len(query) > MAX_QUERY_CHARS:
             raise HTTPError(400, f"q: at most {MAX_QUERY_CHARS} characters", field="q")
+        return admin_cluster.connections(app_state, limit, offset, bottle.request.query.get("scope"), query)
 
-        def page():
-            now = proxy.reactor.clock()
-            now = proxy.reactor.clock()
-            body = {"count": len(proxy.conns), "offset": offset, "limit": limit}
-            if query:  # a part of the uuid or of the remote address
-                conns = [c for c in proxy.conns.values() if query in c.uuid or query in format_peer(c.peer)]
-                body["matched"] = len(conns)
-                shown = conns[offset:offset + limit]
-            else:
-                shown = itertools.islice(proxy.conns.values(), offset, offset + limit)
-            body["connections"] = [proxy.connection_info(c, now) for c in shown]
-            return body
-        return control.call(page)
+    @route("/connections/<uuid>")
+    def get_connection(uuid):
+        return admin_cluster.connection(app_state, uuid)
 
     @route("/connections/<uuid>", "DELETE")
     def close_connection(uuid):
-        def close():
-            conn = proxy.conns.get(uuid)
-            if conn is None:
-                return False
-            proxy.close(conn, "closed_by_admin", "closed through the admin API")
-            return True
-        if not control.call(close):
-            raise HTTPError(404, f"no connection {uuid}")
-        return {"closed": uuid}
+        return admin_cluster.connection(app_state, uuid, close=True)
+
+    @route("/cluster")
+    def cluster():
+        return admin_cluster.cluster_view(app_state)
 
     @route("/plugins")
     def plugins():
@@ -241,9 +227,7 @@ def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
 
     @route("/stats")
     def stats():
-        return control.call(lambda: proxy.stats.snapshot(
-            proxy.conns.values(), {"errors": FAULTS.snapshot(), "unread_bytes": proxy.client_output_bytes,
-                                   "replies_paused": proxy.replies_paused}))
+        return admin_cluster.stats(app_state, bottle.request.query.get("scope"))
 
     @route("/metrics")
     def metrics_text():

@@ -8,6 +8,7 @@ rotation as their ready probes answer.
 import logging
 import resource
 
+from pplex import admin_cluster, node
 from pplex.admin import AdminServer, Control, build_app
 from pplex.bridge import GrpcTransport
 from pplex.config import ADMIN_LOG_LEVELS
@@ -49,12 +50,20 @@ class App:
         self.admin = None
         self.listen_address = None
         self.admin_address = None
+        self.cluster = None
+        if config["cluster"].get("broker"):
+            from pplex.cluster import Cluster
+            self.cluster = Cluster(self.reactor, self.proxy, node.current, config["cluster"],
+                                   describe=lambda: admin_cluster.describe(self),
+                                   ops=admin_cluster.local_ops(self))
+            self.proxy.cluster = self.cluster
+        self.discovery = None
 
-    def start(self):
-        """Listen for clients, serve the admin API, register configured upstreams."""
+    def start(self, reuse_port=False):
+        """Listen for clients, serve the admin API, join the cluster, register configured upstreams."""
         raise_file_limit()
         server = self.config["server"]
-        self.listen_address = self.proxy.listen(server["host"], server["port"])
+        self.listen_address = self.proxy.listen(server["host"], server["port"], reuse_port=reuse_port)
         management = self.config["management_server"]
         if "log_level" in management:
             level = ADMIN_LOG_LEVELS[management["log_level"]]
@@ -73,7 +82,15 @@ class App:
             log.warning("the admin API listens on %s with no token: anyone who reaches it can "
                         "change upstreams; set management_server.token or PPLEX_ADMIN_TOKEN",
                         management["host"])
+        if self.cluster is not None:
+            self.cluster.start()
         for spec in self.config["upstream"]:
+            if "dns" in spec:
+                if self.discovery is None:
+                    from pplex.discovery import Discovery
+                    self.discovery = Discovery(self.reactor, self.proxy.upstreams)
+                self.discovery.add(spec)
+                continue
             self.proxy.upstreams.add(spec)
         if not self.config["upstream"]:
             log.warning("no upstream configured: clients' messages wait until one is added "
@@ -82,7 +99,7 @@ class App:
 
     def describe_addresses(self):
         return (f"pplex listening on {format_peer(self.listen_address)}, "
-                f"admin API on http://{format_peer(self.admin_address)}")
+                f"admin API on http://{format_peer(self.admin_address)}, node {node.current.id}")
 
     def run(self):
         self.reactor.run()
@@ -98,6 +115,10 @@ class App:
         self.reactor.call_soon_threadsafe(self.proxy.begin_shutdown, self.stop)
 
     def close(self):
+        if self.discovery is not None:
+            self.discovery.close()
+        if self.cluster is not None:
+            self.cluster.close()
         self.proxy.shutdown()
         if self.admin is not None:
             self.admin.close()

@@ -26,7 +26,7 @@ import time
 import grpc
 from google.protobuf import empty_pb2
 
-from pplex import limits
+from pplex import limits, node
 from pplex._proto import upstream_pb2, upstream_pb2_grpc
 from pplex.logs import FAULTS
 from pplex.transport import CLEAN_END, Link, Transport
@@ -106,7 +106,7 @@ class GrpcLink(Link):
     # -- readiness -----------------------------------------------------------
     def probe_ready(self, timeout):
         started = time.monotonic()
-        future = self._stub.ready.future(_EMPTY, timeout=timeout)
+        future = self._stub.ready.future(_EMPTY, timeout=timeout, metadata=node.current.metadata)
         future.add_done_callback(lambda done: self._ready_answered(done, started))
 
     def _ready_answered(self, future, started):
@@ -121,7 +121,7 @@ class GrpcLink(Link):
     # -- data stream ---------------------------------------------------------
     def open_stream(self):
         state = _StreamState(self.keep_unconfirmed, self._replies_paused)
-        state.call = self._stub.bidirectionalStreaming(self._requests(state))
+        state.call = self._stub.bidirectionalStreaming(self._requests(state), metadata=node.current.metadata)
         self._stream = state
         self._pool.submit(self._read, state)
 
@@ -310,7 +310,7 @@ class GrpcLink(Link):
                 yield _EMPTY
                 stop.wait(interval)
 
-        call = self._stub.live(heartbeats())
+        call = self._stub.live(heartbeats(), metadata=node.current.metadata)
         self._live, self._live_stop = call, stop
         self._pool.submit(self._read_live, call, stop, sent_at)
 

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import re
 import tomllib
+from urllib.parse import urlsplit
 
 import voluptuous as vol
 
@@ -54,6 +55,13 @@ def Flag(value):
         raise vol.Invalid("expected true or false")
     return value
 
+# {"dns": NAME, "port": P, "refresh": S}: one worker per address NAME resolves to (pplex.discovery)
+DNS_UPSTREAM = {
+    vol.Required("dns"): Host,
+    vol.Required("port"): _port(1),
+    **limits.section_schema("upstream"),
+    **limits.section_schema("upstream_dns"),
+}
 
 SERVER = {
     vol.Optional("host", default="0.0.0.0"): Host,
@@ -104,6 +112,48 @@ MANAGEMENT = {
 }
 
 
+def BrokerURL(value):
+    """`nats://host:port` (or `tls://`), `redis://host:port` (or `rediss://`), credentials allowed."""
+    if not isinstance(value, str):
+        raise vol.Invalid("expected a broker URL such as nats://127.0.0.1:4222 or redis://127.0.0.1:6379")
+    parts = urlsplit(value)
+    if parts.scheme not in ("nats", "tls", "redis", "rediss"):
+        raise vol.Invalid("expected a nats://, tls://, redis:// or rediss:// URL")
+    try:
+        port = parts.port
+    except ValueError:
+        raise vol.Invalid("the broker URL's port must be between 1 and 65535") from None
+    if not parts.hostname:
+        raise vol.Invalid("the broker URL has no host")
+    if port is None:
+        raise vol.Invalid("the broker URL needs a port (nats: 4222, redis: 6379)")
+    return value
+
+
+CLUSTER = {
+    vol.Optional("broker"): BrokerURL,
+    # the subject prefix: nodes with the same name and broker form one cluster
+    vol.Optional("name", default="pplex"): vol.All(str, vol.Match(r"^[A-Za-z0-9_-]{1,64}$",
+                                                                  msg="expected 1 to 64 of A-Z a-z 0-9 _ -")),
+    # this node's id (random at start when unset); --processes N children append -<index>
+    vol.Optional("node"): vol.All(str, vol.Match(r"^[A-Za-z0-9_-]{1,60}$", msg="expected 1 to 60 of A-Z a-z 0-9 _ -")),
+    **limits.section_schema("cluster"),
+}
+
+
+def _cluster_rules(config):
+    """Rules across sections: more than one process needs a broker; dead_after spans 2 heartbeats."""
+    cluster = config["cluster"]
+    if config["server"]["processes"] > 1 and not cluster.get("broker"):
+        raise vol.MultipleInvalid([vol.Invalid(
+            "more than one process needs cluster.broker (nats://host:port or redis://host:port) to act as "
+            "one proxy", path=["server", "processes"])])
+    if cluster["dead_after"] < 2 * cluster["heartbeat"]:
+        raise vol.MultipleInvalid([vol.Invalid(f"must be at least 2 heartbeats ({2 * cluster['heartbeat']:g} s)",
+                                               path=["cluster", "dead_after"])])
+    return config
+
+
 def _plugins(value):
     """`"plugins"`: a list of names, or an object of name -> settings object."""
     if isinstance(value, list):
@@ -118,20 +168,30 @@ def _plugins(value):
     raise vol.Invalid("expected a list of plugin names or an object of name -> settings")
 
 
+UPSTREAM_SCHEMA = vol.Schema(UPSTREAM)
+DNS_UPSTREAM_SCHEMA = vol.Schema(DNS_UPSTREAM)
+
+
+def _upstream_entry(value):
+    """A worker by address, or a DNS name standing for one worker per address (`"dns"` key)."""
+    if isinstance(value, dict) and "dns" in value:
+        return DNS_UPSTREAM_SCHEMA(value)
+    return UPSTREAM_SCHEMA(value)
+
+
 SCHEMA = vol.Schema({
     # pplex's own log level (debug, info, warning, error); --log-level wins over it
     vol.Optional("log_level"): vol.All(str, vol.Lower, vol.In(("debug", "info", "warning", "error"))),
     vol.Optional("server", default={}): vol.All(SERVER, proxyproto.check_server),
-    vol.Optional("upstream", default=[]): [UPSTREAM],
+    vol.Optional("upstream", default=[]): [_upstream_entry],
     vol.Optional("management_server", default={}): MANAGEMENT,
     vol.Optional("plugins", default={}): _plugins,
     # how pplex speaks gRPC to workers: "grpcio" (its threads) or "h2" (HTTP/2 in the reactor thread)
     vol.Optional("transport", default="grpcio"): vol.In(("grpcio", "h2")),
     # how log lines are written on stderr: "text" for people, "json" (one object per line) for log systems
     vol.Optional("log_format", default="text"): vol.In(LOG_FORMATS),
+    vol.Optional("cluster", default={}): CLUSTER,
 })
-
-UPSTREAM_SCHEMA = vol.Schema(UPSTREAM)
 
 
 def describe_invalid(error, prefix=()):
@@ -162,7 +222,7 @@ def validate(raw, source="config"):
         management["tls"] = raw.pop("management_server_tls")
         raw["management_server"] = management
     try:
-        config = SCHEMA(raw)
+        config = _cluster_rules(SCHEMA(raw))
     except vol.MultipleInvalid as error:
         first = sorted(error.errors, key=lambda e: [str(p) for p in e.path])[0]
         raise ConfigError(f"{source}: {describe_invalid(first)}{_got(raw, first.path)}") from None

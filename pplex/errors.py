@@ -11,3 +11,12 @@ class FrameError(Exception):
 
 class DuplicateUpstream(Exception):
     """An upstream at the same address is already registered."""
+
+
+class AdminRefusal(Exception):
+    """An admin request that cannot be served as asked: the HTTP status and a JSON error body."""
+
+    def __init__(self, status, message, **extra):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **extra}

@@ -52,7 +52,7 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from pplex import __version__, limits
+from pplex import __version__, limits, node
 from pplex._proto import upstream_pb2
 from pplex.bufsock import BufferedSocket
 from pplex.grpcwire import (
@@ -431,7 +431,7 @@ class _Connection(BufferedSocket):
         sid = self.h2.get_next_available_stream_id()
         headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
                    (b":authority", self.link.authority), (b"content-type", b"application/grpc"),
-                   (b"te", b"trailers"), (b"user-agent", USER_AGENT), *extra]
+                   (b"te", b"trailers"), (b"user-agent", USER_AGENT), *node.current.headers, *extra]
         self.h2.send_headers(sid, headers, end_stream=end_stream and body is None)
         call.conn = self
         call.stream_id = sid

@@ -221,3 +221,47 @@ LIVE_GRACE = 1.5
 # Messages written to a stream that may have to be re-sent (redeliver_unconfirmed) are kept
 # up to this many bytes per worker; older ones fall back to at-most-once (counted).
 REDELIVER_KEEP_BYTES = 8 * MiB
+
+
+# -- cluster: many pplex processes acting as one, over a broker (pplex.cluster) ---------------------
+HEARTBEAT = setting(
+    "cluster", "heartbeat", 2, "s", 0.05, 60,
+    "seconds between a node's heartbeats on the broker (how /cluster learns who is alive)")
+DEAD_AFTER = setting(
+    "cluster", "dead_after", 6, "s", 0.1, 3600,
+    "a node not heard from for this long is dropped from the live-node table (at least 2 heartbeats)")
+CLUSTER_ADMIN_TIMEOUT = setting(
+    "cluster", "admin_timeout", 2, "s", 0.05, 60,
+    "how long an admin request acting on another node (or on all) waits for their answers")
+PROCESSES = setting(
+    "server", "processes", 1, "processes", 1, 256,
+    "reactor processes sharing the client port (SO_REUSEPORT); more than 1 needs cluster.broker",
+    integer=True)
+# Relays of one pass for one subject go out as one frame, cut at this size (below NATS's 1 MiB default
+# max_payload); one relay larger than the broker's max_payload is counted unrelayed (too_large).
+RELAY_FRAME_BYTES = 256 * KiB
+# Frames waiting for the broker thread; past this, relays are counted unrelayed (backlog).
+RELAY_OUTGOING_BYTES = 16 * MiB
+# Frames read from the broker waiting for the reactor; past this they are dropped and counted.
+RELAY_INBOUND_BYTES = 16 * MiB
+BROKER_CONNECT_TIMEOUT_SECONDS = 2.0
+BROKER_RETRY_FIRST_SECONDS = 0.1
+BROKER_RETRY_MAX_SECONDS = 2.0
+# Nodes kept in the live-node table; heartbeats from more are ignored (and logged).
+MAX_NODES = 1024
+# Admin requests to other nodes waiting for answers at once; more get 503.
+MAX_PENDING_ASKS = 256
+# Upstreams listed in one heartbeat (the rest are only counted).
+HEARTBEAT_UPSTREAMS = 64
+# A heartbeat from another node larger than this is dropped (each live node's latest is kept).
+HEARTBEAT_MAX_BYTES = 64 * KiB
+# Connections listed per node by GET /connections?scope=cluster (offset + limit).
+CLUSTER_PAGE_MAX = 1000
+
+
+# -- upstream entries found by DNS (pplex.discovery) -------------------------------------------
+DNS_REFRESH = setting(
+    "upstream_dns", "refresh", 5, "s", 0.05, 24 * 3600,
+    "seconds between lookups of a DNS upstream entry's name")
+# Addresses one DNS name may bring; the rest of an answer is ignored (and logged).
+DNS_MAX_ADDRESSES = 256

@@ -34,14 +34,18 @@ class Listener:
         self._full_logged = False
         self._error_episode = False
 
-    def listen(self, host, port, backlog=1024):
-        """Bind and listen; return the bound (host, port). Raises OSError naming the address."""
+    def listen(self, host, port, backlog=1024, reuse_port=False):
+        """Bind and listen; return the bound (host, port). Raises OSError naming the address.
+
+        `reuse_port`: several processes share the port (SO_REUSEPORT; `--processes`)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         if family == socket.AF_INET and not host.replace(".", "").isdigit():
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             idle, interval, count = self.keepalive
             if idle:

@@ -100,9 +100,10 @@ FAULTS = Faults()
 
 # -- how lines are written ----------------------------------------------------------------------
 LOG_FORMATS = ("text", "json")
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# Fields a log call may pass with `extra=`; a JSON line carries each one the call set.
-CONTEXT_FIELDS = ("uuid", "upstream", "reason")
+TEXT_FORMAT = "%(asctime)s %(node)s %(levelname)s %(name)s: %(message)s"
+# Fields a log call may pass with `extra=` (and `node`, set on every record by pplex.node's
+# filter); a JSON line carries each one the record has.
+CONTEXT_FIELDS = ("node", "uuid", "upstream", "reason")
 
 
 class JsonFormatter(logging.Formatter):
@@ -146,7 +147,7 @@ def configure(level="info", fmt="text", stream=None):
     logger too, so every line of stderr is one JSON object.
     """
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT, defaults={"node": "-"}))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

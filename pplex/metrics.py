@@ -7,6 +7,8 @@ touches a Prometheus object.
 from prometheus_client import CollectorRegistry, generate_latest, CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from pplex import node
+
 UPSTREAM_STATES = ("connecting", "unready", "ready", "draining")
 
 
@@ -15,6 +17,13 @@ class _ProxyCollector:
         self.app = app
 
     def collect(self):
+        """Every family, each sample labelled with this node's id (`node`)."""
+        node_id = node.current.id
+        for family in self._families():
+            family.samples = [s._replace(labels={**s.labels, "node": node_id}) for s in family.samples]
+            yield family
+
+    def _families(self):
         proxy = self.app.proxy
         snap, upstreams = self.app.control.call(
             lambda: (proxy.stats.snapshot(proxy.conns.values()), [u.as_dict() for u in proxy.upstreams]))
@@ -56,6 +65,34 @@ class _ProxyCollector:
             if up["ready_probe_seconds"] is not None:
                 ready.add_metric(labels, up["ready_probe_seconds"])
         yield from (state, routed, live, ready)
+        cluster = self.app.cluster
+        if cluster is not None:
+            yield from _cluster_families(self.app.control.call(cluster.snapshot))
+
+
+def _cluster_families(snap):
+    yield GaugeMetricFamily("pplex_cluster_broker_up", "1 while the broker connection is up.",
+                            value=1 if snap["broker_up"] else 0)
+    yield GaugeMetricFamily("pplex_cluster_nodes", "Live nodes in the cluster, this one included.",
+                            value=snap["nodes"])
+    yield CounterMetricFamily("pplex_cluster_relayed", "Broadcasts and replies published for other nodes.",
+                              value=snap["relayed_out"])
+    applied = CounterMetricFamily("pplex_cluster_applied", "Relays from other nodes applied here, by kind.",
+                                  labels=["kind"])
+    for kind, count in sorted(snap["relayed_in"].items()):
+        applied.add_metric([kind], count)
+    yield applied
+    unrelayed = CounterMetricFamily(
+        "pplex_cluster_unrelayed", "Broadcasts and replies for other nodes that could not be relayed, by reason.",
+        labels=["reason"])
+    for reason in sorted({"broker_down", *snap["unrelayed"]}):
+        unrelayed.add_metric([reason], snap["unrelayed"].get(reason, 0))
+    yield unrelayed
+    dropped = CounterMetricFamily("pplex_cluster_dropped", "Frames or records from the broker dropped, by reason.",
+                                  labels=["reason"])
+    for reason, count in sorted(snap["dropped"].items()):
+        dropped.add_metric([reason], count)
+    yield dropped
 
 
 def metrics_exporter(app):

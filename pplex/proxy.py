@@ -22,9 +22,8 @@ Memory is bounded everywhere on this path:
 import collections
 import logging
 import random
-import uuid as uuid_module
 
-from pplex import limits, reasons
+from pplex import limits, node, reasons
 from pplex.connection import Connection, format_peer
 from pplex.errors import FrameError
 from pplex.listener import Listener
@@ -82,6 +81,8 @@ class Proxy:
             reactor, self._open, server["max_connections"], self.conns.__len__,
             keepalive=(server["tcp_keepalive_idle"], server["tcp_keepalive_interval"],
                        server["tcp_keepalive_count"]))
+        self.new_uuid = node.current.uuid_maker()  # UUIDv4 whose first 8 hex digits name this node
+        self.cluster = None  # pplex.cluster.Cluster when cluster.broker is set (App sets it)
 
         framing = plugins.framing()
         self.decode = framing.decode
@@ -105,9 +106,9 @@ class Proxy:
         reactor.add_pass_end(self._end_of_pass)
 
     # -- accepting -----------------------------------------------------------
-    def listen(self, host, port, backlog=1024):
-        """Bind and listen; return the bound (host, port)."""
-        return self.listener.listen(host, port, backlog)
+    def listen(self, host, port, backlog=1024, reuse_port=False):
+        """Bind and listen; return the bound (host, port). `reuse_port`: share the port (--processes)."""
+        return self.listener.listen(host, port, backlog, reuse_port)
 
     @property
     def accepting(self):
@@ -128,7 +129,7 @@ class Proxy:
                 return
         sock.setblocking(False)
         now = self.reactor.clock()
-        conn = self.client_class(self, sock, str(uuid_module.uuid4()), peer, now)
+        conn = self.client_class(self, sock, self.new_uuid(), peer, now)
         self.conns[conn.uuid] = conn
         conn.set_events(READ)
         self.stats.opened += 1
@@ -331,6 +332,8 @@ class Proxy:
     def on_reply(self, link, client_uuid, payload):
         conn = self.conns.get(client_uuid)
         if conn is None:
+            if self.cluster is not None and self.cluster.relay_reply(link, client_uuid, payload):
+                return  # another node's client: relayed to it
             self.stats.drop("unknown_uuid")
             self.stats.note_unknown(client_uuid, log)
             return
@@ -359,6 +362,8 @@ class Proxy:
             self.stats.drop("broadcast_failed")
             FAULTS.report("plugin broadcast", "delivering a %d-byte %s broadcast; dropped", len(payload),
                           BROADCAST_NAMES.get(kind, kind), logger=log)
+        if self.cluster is not None:
+            self.cluster.relay_broadcast(link, kind, payload)
 
     def on_bad_message(self, link, reason):
         up = self.upstreams.by_link.get(link)

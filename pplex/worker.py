@@ -12,7 +12,10 @@ A worker is a gRPC server for `proto/upstream.proto`. Each pplex instance
 opens one data stream to it; `on_message` runs for every client message, in
 order per stream, on that stream's reader thread. `stream.reply` answers one
 client; `stream.broadcast` (or `Worker.broadcast`, for every connected pplex)
-reaches a set of clients. Override `is_ready` / `is_live` to drive pplex's
+reaches a set of clients. `stream.node` and `stream.cluster` say which pplex
+node opened the stream (its `pplex-node` and `pplex-cluster` headers): nodes
+of one cluster relay a broadcast to each other, so `Worker.broadcast` sends it
+on one stream per cluster, and on every stream of a pplex that is not in one. Override `is_ready` / `is_live` to drive pplex's
 health checks. `python -m pplex.worker --port N` runs the echo worker that
 `pplex demo` embeds.
 
@@ -89,13 +92,15 @@ class Stream:
     """One pplex instance's data stream; outputs go back on it, in order.
 
     `node` is that pplex instance's id (its `pplex-node` request header), or
-    None when it sent none. pplex applies a stream's outputs in the order they
-    are sent: a JOIN then a SEND to the group reaches the new member.
+    None when it sent none; `cluster`: its cluster's name (`pplex-cluster`),
+    None when it is not part of one. pplex applies a stream's outputs in the
+    order they are sent: a JOIN then a SEND to the group reaches the new member.
     """
 
-    def __init__(self, node=None):
+    def __init__(self, node=None, cluster=None):
         self._out = queue.SimpleQueue()
         self.node = node
+        self.cluster = cluster
 
     def reply(self, client_uuid, payload):
         self._out.put(_Out(time=rfc3339_now(), client_uuid=client_uuid, payload=payload))
@@ -136,7 +141,7 @@ class Worker:
     `is_live`, `on_stream_end`."""
 
     def __init__(self):
-        self._streams = set()
+        self._streams = {}  # Stream -> None: an ordered set
         self._lock = threading.Lock()
         self._errors_log = RateLimited()
         self.errors = 0       # exceptions raised by this worker's own methods, contained
@@ -173,16 +178,26 @@ class Worker:
         return []
 
     def broadcast(self, payload, kind=BROADCAST_ALL):
-        """Broadcast on every open data stream (every pplex connected)."""
-        for stream in self.streams():
+        """Broadcast to every client of every pplex connected: once per cluster, once per lone pplex."""
+        for stream in self._one_per_cluster():
             stream.broadcast(payload, kind)
 
     def send_group(self, group, payload):
-        """Send to `group` on every open data stream (a group's members may be on any pplex)."""
-        for stream in self.streams():
+        """Send to `group` on every pplex connected (once per cluster: its nodes relay to each other)."""
+        for stream in self._one_per_cluster():
             stream.send_group(group, payload)
 
+    def _one_per_cluster(self):
+        clusters = set()
+        for stream in self.streams():
+            if stream.cluster is not None:
+                if stream.cluster in clusters:
+                    continue  # its nodes relay it to each other
+                clusters.add(stream.cluster)
+            yield stream
+
     def streams(self):
+        """The open data streams (one per connected pplex node), oldest first."""
         with self._lock:
             return list(self._streams)
 
@@ -236,13 +251,10 @@ class _Servicer(upstream_pb2_grpc.UpstreamPeerServiceServicer):
 
     def bidirectionalStreaming(self, request_iterator, context):
         worker = self.worker
-        node = None
-        for key, value in context.invocation_metadata() or ():
-            if key == NODE_HEADER:
-                node = value
-        stream = Stream(node)
+        headers = dict(context.invocation_metadata() or ())
+        stream = Stream(headers.get(NODE_HEADER), headers.get("pplex-cluster"))
         with worker._lock:
-            worker._streams.add(stream)
+            worker._streams[stream] = None
         context.add_callback(stream.end)
         threading.Thread(target=self._read, args=(stream, request_iterator),
                          name="pplex-worker-reader", daemon=True).start()
@@ -255,7 +267,7 @@ class _Servicer(upstream_pb2_grpc.UpstreamPeerServiceServicer):
                 yield message
         finally:
             with worker._lock:
-                worker._streams.discard(stream)
+                worker._streams.pop(stream, None)
             try:
                 worker.on_stream_end(stream)
             except Exception:

@@ -84,9 +84,12 @@ def test_metrics_and_plugins(start_pplex, start_worker):
     wait_for(lambda: pplex.upstreams()[0]["live_rtt_seconds"] is not None, message="a heartbeat answered")
     status, text = pplex.admin("GET", "/metrics")
     assert status == 200
-    assert "pplex_connections_open 1.0" in text and "pplex_messages_unconfirmed_total 0.0" in text
-    assert "pplex_messages_in_total 1.0" in text
-    assert f'pplex_upstream_state{{address="127.0.0.1:{worker.port}",state="ready",upstream="u1"}} 1.0' in text
+    node = pplex.stats()["node"]  # every sample is labelled with the node's id
+    assert f'pplex_connections_open{{node="{node}"}} 1.0' in text
+    assert f'pplex_messages_unconfirmed_total{{node="{node}"}} 0.0' in text
+    assert f'pplex_messages_in_total{{node="{node}"}} 1.0' in text
+    assert (f'pplex_upstream_state{{address="127.0.0.1:{worker.port}",node="{node}",state="ready",'
+            f'upstream="u1"}} 1.0') in text
     assert "pplex_upstream_live_rtt_seconds{" in text and "pplex_upstream_ready_probe_seconds{" in text
     status, body = pplex.admin("GET", "/plugins")
     rows = {p["name"]: p for p in body["plugins"]}

@@ -50,3 +50,18 @@ def test_bench_dashboard_runs_with_the_page_open_and_closed_and_prints_the_ratio
     assert polled > 0  # the open page really polled the admin API
     assert lines[3].strip().startswith("open/closed ")
     assert lines[-1].strip().startswith("with no load, the open page costs pplex ")
+def test_cluster_bench_prints_every_figure(tmp_path):
+    results = tmp_path / "cluster.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.cluster", "--brokers", "nats,redis", "--clients", "2", "--broadcasts", "20",
+         "--flood", "200", "--seconds", "0.5", "--loadgen-clients", "4", "--json", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(results.read_text())
+    assert [row["broker"] for row in report["brokers"]] == ["nats", "redis"]
+    for row in report["brokers"]:
+        assert row["latency"]["delivered_remote"] == row["latency"]["expected_remote"] == 2 * 20 * 2, row
+        assert row["flood"]["b_received"] == 200 and row["flood"]["b_per_s"] > 0, row
+    assert [row["processes"] for row in report["processes"]] == [1, 2]
+    assert all(row["rt_per_s"] > 0 for row in report["processes"])
+    assert "relayed broadcasts/s" in done.stdout and "2 / 1 processes" in done.stdout

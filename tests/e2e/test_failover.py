@@ -263,7 +263,8 @@ def test_messages_written_to_a_worker_that_dies_unanswered_are_counted_unconfirm
     wait_for(lambda: pplex.stats()["unconfirmed"] == written, message=f"{written} unconfirmed")
     assert "unconfirmed (at-most-once)" in pplex.log()
     status, metrics = pplex.admin("GET", "/metrics")
-    assert f"pplex_messages_unconfirmed_total {float(written)}" in metrics
+    node = pplex.stats()["node"]
+    assert f'pplex_messages_unconfirmed_total{{node="{node}"}} {float(written)}' in metrics
     # Counted, not resent, and the client keeps its connection while it waits for a worker.
     assert pplex.stats()["rerouted"] == 0
     assert pplex.stats()["connections_open"] == 1

@@ -15,9 +15,11 @@ def test_defaults_fill_every_section_from_the_limits_table():
     assert config["server"] == {"host": "0.0.0.0", "port": 7999, "redeliver_unconfirmed": False,
                                 "proxy_protocol": "off", "proxy_protocol_from": [], **server_settings}
     assert config["server"]["max_connections"] == 100000 and config["server"]["idle_timeout"] == 0
+    assert config["server"]["processes"] == 1
     assert config["management_server"] == {"host": "127.0.0.1", "port": 8000, "max_body_bytes": 65536,
                                            "threads": 4}
     assert config["upstream"] == [] and config["plugins"] == {}
+    assert config["cluster"] == {"name": "pplex", "heartbeat": 2, "dead_after": 6, "admin_timeout": 2}
 
 
 def test_upstream_timeouts_default_and_dns_names_are_hosts():
@@ -146,3 +148,34 @@ def test_the_documented_example_config_is_valid_and_shows_every_section():
     config = validate(raw, path)
     assert set(raw) == {str(key) for key in SCHEMA.schema}, "pplex.json must document every top-level key"
     assert config["server"]["port"] == 7999 and config["transport"] == "grpcio"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"server": {"processes": 2}}, "config: server.processes: more than one process needs cluster.broker "
+                                   "(nats://host:port or redis://host:port) to act as one proxy (got 2)"),
+    ({"cluster": {"broker": "nats://host"}}, 'config: cluster.broker: the broker URL needs a port '
+                                             '(nats: 4222, redis: 6379) (got "nats://host")'),
+    ({"cluster": {"broker": "amqp://h:1"}}, 'config: cluster.broker: expected a nats://, tls://, redis:// or '
+                                           'rediss:// URL (got "amqp://h:1")'),
+    ({"cluster": {"heartbeat": 1, "dead_after": 1.5}}, "config: cluster.dead_after: must be at least 2 "
+                                                       "heartbeats (2 s) (got 1.5)"),
+    ({"cluster": {"node": "a b"}}, 'config: cluster.node: expected 1 to 60 of A-Z a-z 0-9 _ - (got "a b")'),
+    ({"cluster": {"name": "a.b"}}, 'config: cluster.name: expected 1 to 64 of A-Z a-z 0-9 _ - (got "a.b")'),
+    ({"upstream": [{"dns": "w.svc", "port": 1, "refresh": 0}]},
+     "config: upstream[0].refresh: must be at least 0.05 and at most 86400 (got 0)"),
+    ({"upstream": [{"host": "w", "port": 1, "refresh": 5}]}, "config: upstream[0].refresh: unknown key (got 5)"),
+])
+def test_cluster_and_dns_settings_are_checked(raw, message):
+    with pytest.raises(ConfigError) as caught:
+        validate(raw)
+    assert str(caught.value) == message
+
+
+def test_cluster_and_dns_entries_validate():
+    config = validate({"cluster": {"broker": "redis://:secret@10.0.0.9:6379", "node": "edge-1"},
+                       "server": {"processes": 4},
+                       "upstream": [{"dns": "workers.game.svc.cluster.local", "port": 50051, "refresh": 5}]})
+    assert config["server"]["processes"] == 4 and config["cluster"]["node"] == "edge-1"
+    [entry] = config["upstream"]
+    assert (entry["dns"], entry["port"], entry["refresh"], entry["alive_timeout"], entry["ready_timeout"]) == (
+        "workers.game.svc.cluster.local", 50051, 5, 30, 5)
