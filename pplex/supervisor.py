@@ -23,7 +23,8 @@ over on the child's stdin, never in its environment or arguments) and supervises
   bound, exit 2: bad config) stops them all with its exit code. Each child
   reads its stdin, a pipe from the parent: if the parent dies, the children
   see end of file and stop.
-- **Stop.** SIGTERM or SIGINT: every child gets SIGTERM, and SIGKILL after 10 s.
+- **Stop.** SIGTERM or SIGINT: every child gets SIGTERM and stops gracefully (shutdown_spread, then
+  shutdown_grace); a second signal stops them at once; SIGKILL 10 s after their own deadline.
 """
 import json
 import logging
@@ -186,6 +187,13 @@ class Supervisor:
             self.reservation.close()
 
     def _on_signal(self, *_):
+        if self.stopping:  # a second signal: the children stop at once too
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() is None:
+                    try:
+                        child.proc.send_signal(signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
         self.stopping = True
 
     def _supervise(self):
@@ -225,12 +233,15 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        # Each child closes its clients gracefully (shutdown_spread, then shutdown_grace at most).
+        server = self.config["server"]
+        allowed = server["shutdown_spread"] + server["shutdown_grace"] + STOP_GRACE_SECONDS
+        deadline = time.monotonic() + allowed
         for proc in running:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("process pid %d did not stop within %.0f s; killing it", proc.pid, STOP_GRACE_SECONDS)
+                log.warning("process pid %d did not stop within %.0f s; killing it", proc.pid, allowed)
                 proc.kill()
                 proc.wait(5)
         for child in self.children:
