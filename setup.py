@@ -28,7 +28,8 @@ setup(
         "h2>=4.1,<5",              # the h2 transport (--transport h2): HTTP/2 in the reactor thread
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1"],
+        # cryptography: the tests make their own CAs and certificates (tests/tlsutil.py)
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1", "cryptography>=42"],
     },
     entry_points={
         "console_scripts": ["pplex = pplex.cli:main"],

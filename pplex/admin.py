@@ -130,7 +130,7 @@ def build_app(app_state, token=None, metrics=None):
             raise HTTPError(422, describe_invalid(first), field=".".join(str(p) for p in first.path))
         try:
             upstream = control.call(proxy.upstreams.add, spec["host"], spec["port"],
-                                    spec["alive_timeout"], spec["ready_timeout"])
+                                    spec["alive_timeout"], spec["ready_timeout"], spec.get("tls"))
         except DuplicateUpstream as error:
             raise HTTPError(409, str(error))
         return control.call(upstream.as_dict)

@@ -63,7 +63,8 @@ class App:
                         "change upstreams; set management_server.token or PPLEX_ADMIN_TOKEN",
                         management["host"])
         for spec in self.config["upstream"]:
-            self.proxy.upstreams.add(spec["host"], spec["port"], spec["alive_timeout"], spec["ready_timeout"])
+            self.proxy.upstreams.add(spec["host"], spec["port"], spec["alive_timeout"], spec["ready_timeout"],
+                                     spec.get("tls"))
         if not self.config["upstream"]:
             log.warning("no upstream configured: clients' messages wait until one is added "
                         "(POST /upstream/add on the admin API)")

@@ -18,6 +18,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from pplex._proto import upstream_pb2, upstream_pb2_grpc
+from pplex.grpctls import make_channel, tls_detail
 from pplex.transport import Link, Transport
 
 log = logging.getLogger("pplex.bridge")
@@ -43,9 +44,9 @@ def grpc_target(host, port):
     return f"{host}:{port}"
 
 
-def describe_rpc_error(error):
+def describe_rpc_error(error, server_name=None):
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
-        return f"{error.code().name}: {error.details()}"
+        return tls_detail(error.details(), server_name) or f"{error.code().name}: {error.details()}"
     return repr(error)
 
 
@@ -57,20 +58,21 @@ class GrpcTransport(Transport):
             max_workers=max_threads, thread_name_prefix="pplex-bridge")
 
     def connect(self, upstream, events):
-        return GrpcLink(self, upstream.host, upstream.port, events)
+        return GrpcLink(self, upstream.host, upstream.port, events, getattr(upstream, "tls", None))
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class GrpcLink(Link):
-    def __init__(self, transport, host, port, events):
+    def __init__(self, transport, host, port, events, tls=None):
         self.target = grpc_target(host, port)
+        self.server_name = (tls.get("server_name") if isinstance(tls, dict) else None) or host
         self.events = events
         self.closed = False
         self._pool = transport.pool
         self._post = transport.reactor.call_soon_threadsafe
-        self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._channel = make_channel(self.target, tls, CHANNEL_OPTIONS)
         self._stub = upstream_pb2_grpc.UpstreamPeerServiceStub(self._channel)
         self._stream = None   # the current _StreamState
         self._live = None
@@ -91,7 +93,7 @@ class GrpcLink(Link):
             self.ready_seconds = time.monotonic() - started
             detail = "ready" if ok else "worker answered ready=false"
         except Exception as error:  # grpc.RpcError or cancellation
-            ok, detail = False, describe_rpc_error(error)
+            ok, detail = False, describe_rpc_error(error, self.server_name)
         self._post(self._emit, self.events.on_ready, ok, detail)
 
     def _emit(self, handler, *args):

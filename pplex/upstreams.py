@@ -35,14 +35,15 @@ class Upstream:
         "id", "host", "port", "alive_timeout", "ready_timeout", "state", "link",
         "batch", "batch_bytes", "blocked", "queued", "routed", "in_flight_batches",
         "last_error", "failures", "retry_timer", "live_timer", "ever_ready", "removed",
-        "drain_deadline",
+        "drain_deadline", "tls",
         "__weakref__",
     )
 
-    def __init__(self, upstream_id, host, port, alive_timeout, ready_timeout):
+    def __init__(self, upstream_id, host, port, alive_timeout, ready_timeout, tls=None):
         self.id = upstream_id
         self.host = host
         self.port = port
+        self.tls = tls            # None (plaintext), True or the validated dict (pplex.tls)
         self.alive_timeout = alive_timeout
         self.ready_timeout = ready_timeout
         self.state = "connecting"
@@ -73,7 +74,7 @@ class Upstream:
             "id": self.id, "host": self.host, "port": self.port, "address": self.address,
             "state": self.state, "alive_timeout": self.alive_timeout,
             "ready_timeout": self.ready_timeout, "messages_routed": self.routed,
-            "last_error": self.last_error,
+            "last_error": self.last_error, "tls": self.tls,
             "live_rtt_seconds": getattr(self.link, "live_seconds", None),
             "ready_probe_seconds": getattr(self.link, "ready_seconds", None),
         }
@@ -105,17 +106,17 @@ class Upstreams:
         return self.by_id.get(upstream_id)
 
     # -- registration --------------------------------------------------------
-    def add(self, host, port, alive_timeout=30, ready_timeout=5):
+    def add(self, host, port, alive_timeout=30, ready_timeout=5, tls=None):
         for existing in self.by_id.values():
             if existing.host == host and existing.port == port:
                 raise DuplicateUpstream(f"upstream {existing.address} is already registered as {existing.id}")
-        upstream = Upstream(f"u{self._next_id}", host, port, alive_timeout, ready_timeout)
+        upstream = Upstream(f"u{self._next_id}", host, port, alive_timeout, ready_timeout, tls)
         self._next_id += 1
         self.by_id[upstream.id] = upstream
         upstream.link = self.transport.connect(upstream, self.proxy)
         self.by_link[upstream.link] = upstream
-        log.info("upstream %s %s added (alive_timeout %ss, ready_timeout %ss)",
-                 upstream.id, upstream.address, alive_timeout, ready_timeout)
+        log.info("upstream %s %s added (alive_timeout %ss, ready_timeout %ss%s)",
+                 upstream.id, upstream.address, alive_timeout, ready_timeout, ", TLS" if tls else "")
         if self._notify_added:
             self._notify_added(upstream)
         self._probe(upstream)
