@@ -412,7 +412,7 @@ class _Connection:
         self.address = (family, address)
         self.connected = code == 0
         if self.connected:
-            self.link.last_address = address
+            self.link.last_address = self.address
         elif self.addresses and self.attempt_seconds:
             self.attempt_timer = self.reactor.call_later(self.attempt_seconds, self._attempt_expired, sock)
         # Writable once connected: then whatever waited in `out` goes.
