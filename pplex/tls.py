@@ -164,7 +164,7 @@ class TlsEngine:
                 chunk = obj.read(READ_BYTES)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:   # close_notify
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):   # close_notify; or EOF without it
                 self.peer_closed = True
                 break
             except (ssl.SSLError, OSError) as error:
