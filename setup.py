@@ -35,7 +35,8 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "grpcio-tools==1.85.1",
                  "hypothesis>=6.100",  # fuzzing the parsers of outside bytes (PROXY headers)
                  "playwright>=1.40",   # drives Debian's Chromium in the dashboard tests
-                 "PyYAML>=6"],         # the test that checks the Kubernetes example manifests offline
+                 "PyYAML>=6",          # the test that checks the Kubernetes example manifests offline
+                 "cryptography>=42"],  # the tests make their own CAs and certificates (tests/tlsutil.py)
     },
     entry_points={
         "console_scripts": ["pplex = pplex.cli:main"],

@@ -2,8 +2,9 @@
 
 Run from the repository root:
 
-    .venv/bin/python -m bench                       # defaults, about 2 minutes
+    .venv/bin/python -m bench                       # defaults, about 3 minutes
     .venv/bin/python -m bench --clients 1,100,1000 --seconds 5 --json out.json
+    .venv/bin/python -m bench --rows haproxy,pplex --clients 100 --sizes 1024,262144
 
 See bench/README.md for what each row means and how to read the ratios.
 """
@@ -49,6 +50,28 @@ def _int_list(text):
     return values
 
 
+MAX_SIZE = 16 * 1024 * 1024   # bytes: far above any row worth running, far below pplex's 64 MiB message cap
+
+
+def _size_list(text):
+    """Comma-separated sizes in bytes; a K or M suffix multiplies by 1024 or 1024 * 1024. "" or 0: none."""
+    sizes = []
+    for item in (x.strip().upper() for x in text.split(",")):
+        if not item:
+            continue
+        scale = {"K": 1024, "M": 1024 * 1024}.get(item[-1], 1)
+        try:
+            value = int(item[:-1] if scale > 1 else item) * scale
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected sizes like 32,1K,16K,256K, got %r" % text)
+        if value == 0:
+            continue
+        if not 1 <= value <= MAX_SIZE:
+            raise argparse.ArgumentTypeError("sizes are 1 B to %d B, got %r" % (MAX_SIZE, item))
+        sizes.append(value)
+    return list(dict.fromkeys(sizes))
+
+
 def _row_list(text):
     rows = [x.strip() for x in text.split(",") if x.strip()]
     bad = [r for r in rows if r not in ROWS]
@@ -86,7 +109,13 @@ def parse_args(argv):
                     help="measured seconds per row (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0,
                     help="unmeasured warm-up seconds before each row (default 1)")
-    ap.add_argument("--size", type=int, default=32, help="message size in bytes (default 32)")
+    ap.add_argument("--size", type=int, default=32,
+                    help="message size in bytes of the client-count and pipelined rows (default 32)")
+    ap.add_argument("--sizes", type=_size_list, default=_size_list("32,1K,16K,256K"),
+                    help="message sizes for the size rows: HAProxy and pplex at --sizes-clients "
+                         "closed-loop clients, one block per size (default 32,1K,16K,256K; 0 skips them)")
+    ap.add_argument("--sizes-clients", type=int, default=100,
+                    help="clients of the size rows (default 100)")
     ap.add_argument("--pipeline", type=int, default=16,
                     help="messages in flight per client for the pipelined figure (default 16; 0 skips it)")
     ap.add_argument("--pipeline-clients", type=int, default=100,
@@ -109,10 +138,10 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.transport is None:
         args.transport = _default_transports()
-    if args.seconds <= 0 or args.warmup < 0 or args.size < 1 or args.pipeline < 0 \
-            or args.pipeline_clients < 1 or args.idle_conns < 0:
-        ap.error("--seconds > 0, --warmup >= 0, --size >= 1, --pipeline >= 0, "
-                 "--pipeline-clients >= 1, --idle-conns >= 0")
+    if args.seconds <= 0 or args.warmup < 0 or not 1 <= args.size <= MAX_SIZE or args.pipeline < 0 \
+            or args.pipeline_clients < 1 or args.idle_conns < 0 or args.sizes_clients < 1:
+        ap.error("--seconds > 0, --warmup >= 0, 1 <= --size <= %d, --pipeline >= 0, "
+                 "--pipeline-clients >= 1, --idle-conns >= 0, --sizes-clients >= 1" % MAX_SIZE)
     return args
 
 
@@ -161,6 +190,7 @@ class Bench:
         self.errors = {}  # target -> why it is unavailable
         self.rows = []
         self.pipelined = []
+        self.sized = []   # the size rows: HAProxy and pplex at --sizes-clients, per message size
         self.memory = []
 
     # -- targets -----------------------------------------------------------
@@ -241,17 +271,19 @@ class Bench:
             return "pplex process has exited%s" % self.pplex.diagnostics()
         return None
 
-    def run_row(self, row, clients, pipeline=1, transport=None):
+    def run_row(self, row, clients, pipeline=1, transport=None, size=None):
         a = self.args
+        size = size or a.size
         title = ROW_TITLES[row]
-        entry = {"row": row, "title": title, "clients": clients, "pipeline": pipeline}
+        entry = {"row": row, "title": title, "clients": clients, "pipeline": pipeline, "size": size}
         if row == "pplex":
             transport = transport or a.transport[0]
             self.use_pplex(transport)
             entry["transport"] = transport
             entry["title"] = title = "pplex (%s)" % transport
         why = self._unavailable(row, transport)
-        label = "N=%d%s %s" % (clients, " x%d in flight" % pipeline if pipeline > 1 else "", title)
+        label = "N=%d%s%s %s" % (clients, " x%d in flight" % pipeline if pipeline > 1 else "",
+                                 " %s" % report.fmt_size(size) if size != a.size else "", title)
         if why:
             entry["error"] = why.splitlines()[0]
             progress("%s: skipped: %s" % (label, entry["error"]))
@@ -260,12 +292,12 @@ class Bench:
         try:
             if row == "grpc":
                 res = runner.run_grpc_direct(self.ps, self.worker_target, clients, a.seconds,
-                                             a.warmup, a.size, self._watch(row))
+                                             a.warmup, size, self._watch(row))
             else:
                 addr = {"ceiling": self.echo_addr, "haproxy": self.haproxy_addr,
                         "pplex": self.pplex_addr}[row]
                 res = runner.run_loadgen(self.ps, addr, clients, a.seconds, a.warmup,
-                                         a.size, pipeline, self._watch(row))
+                                         size, pipeline, self._watch(row))
         except (RowError, StartError, OSError) as exc:
             entry["error"] = str(exc)
             progress("%s: FAILED: %s" % (label, exc))
@@ -288,8 +320,25 @@ class Bench:
                 if row in a.rows:
                     for transport in (a.transport if row == "pplex" else (None,)):
                         self.pipelined.append(self.run_row(row, a.pipeline_clients, a.pipeline, transport))
+        self.run_sizes()
         if a.idle_conns:
             self.run_memory()
+
+    def run_sizes(self):
+        """HAProxy and pplex (each transport) at --sizes-clients clients, once per message size.
+
+        A block the client-count rows already measured (same size and clients) is reused, not rerun.
+        """
+        a = self.args
+        for size in a.sizes:
+            for row in ("haproxy", "pplex"):
+                if row not in a.rows:
+                    continue
+                for transport in (a.transport if row == "pplex" else (None,)):
+                    done = [r for r in self.rows if r["row"] == row and r["clients"] == a.sizes_clients
+                            and r["size"] == size and r.get("transport") == transport]
+                    self.sized.append(dict(done[0]) if done else
+                                      self.run_row(row, a.sizes_clients, transport=transport, size=size))
 
     # -- idle memory -------------------------------------------------------
 
@@ -384,7 +433,8 @@ def main(argv=None):
         "machine": info,
         "config": {
             "clients": args.clients, "seconds": args.seconds, "warmup": args.warmup,
-            "size": args.size, "pipeline": args.pipeline,
+            "size": args.size, "pipeline": args.pipeline, "sizes": args.sizes,
+            "sizes_clients": args.sizes_clients,
             "pipeline_clients": args.pipeline_clients, "idle_conns": args.idle_conns,
             "worker": getattr(bench, "worker_kind", None), "rows": args.rows,
             "transports": args.transport,
@@ -393,9 +443,10 @@ def main(argv=None):
         "unavailable": bench.errors,
         "rows": bench.rows,
         "pipelined": bench.pipelined,
+        "sized": bench.sized,
         "memory": bench.memory,
     }
-    results["ratios"] = report.ratios(bench.rows, bench.pipelined)
+    results["ratios"] = report.ratios(bench.rows, bench.pipelined, bench.sized)
     sys.stdout.write(report.render(results))
     sys.stdout.flush()
     if args.json:

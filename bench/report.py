@@ -26,6 +26,14 @@ def fmt_cpu(cpu):
     return " ".join(parts)
 
 
+def fmt_size(size):
+    """32 -> "32 B", 1024 -> "1 KiB", 262144 -> "256 KiB"."""
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return "%d %s" % (size // scale, unit)
+    return "%d B" % size
+
+
 def fmt_ratio(r):
     return "n/a" if r is None else "%.2fx" % r
 
@@ -44,12 +52,20 @@ def _ratio(a, b, key="rt_per_s"):
     return round(a[key] / b[key], 3)
 
 
-def ratios(rows, pipelined):
+def ratios(rows, pipelined, sized=()):
     """{pplex row title: its ratios}: one entry per pplex variant measured (one per transport)."""
-    titles = list(dict.fromkeys(r["title"] for r in rows + pipelined if r["row"] == "pplex")) or ["pplex"]
+    titles = list(dict.fromkeys(r["title"] for r in rows + pipelined + list(sized) if r["row"] == "pplex")) \
+        or ["pplex"]
     out = {}
     for title in titles:
-        mine = out[title] = {"closed_loop": [], "pipelined": None}
+        mine = out[title] = {"closed_loop": [], "pipelined": None, "sizes": []}
+        for size in dict.fromkeys(r["size"] for r in sized):
+            of_size = [r for r in sized if r["size"] == size]
+            p = _find(of_size, "pplex", of_size[0]["clients"], title)
+            h = _find(of_size, "haproxy", of_size[0]["clients"])
+            mine["sizes"].append({"size": size, "clients": of_size[0]["clients"],
+                                  "pplex_over_haproxy": _ratio(p, h),
+                                  "p99_pplex_over_haproxy": _ratio(p, h, "p99_us")})
         for n in sorted({r["clients"] for r in rows}):
             p = _find(rows, "pplex", n, title)
             h = _find(rows, "haproxy", n)
@@ -68,15 +84,17 @@ def ratios(rows, pipelined):
     return out
 
 
-def _row_line(r, width):
+def _row_line(r, width, lead=None):
+    """One row; `lead` is the first column (default: the client count)."""
     title = r["title"]
+    lead = "%7d" % r["clients"] if lead is None else "%7s" % lead
     if "error" in r:
-        return "%7d  %-*s  FAILED: %s" % (r["clients"], width, title, r["error"].splitlines()[0][:100])
+        return "%s  %-*s  FAILED: %s" % (lead, width, title, r["error"].splitlines()[0][:100])
     warn = "  (!) %s" % r["warning"].splitlines()[-1][:60] if r.get("warning") else ""
     if r.get("cpu", {}).get("other", 0) > OTHER_LOAD_WARN:
         warn += "  *"
-    return "%7d  %-*s %11s %10s %10s %7d   %s%s" % (
-        r["clients"], width, title, fmt_int(r["rt_per_s"]), fmt_us(r["p50_us"]),
+    return "%s  %-*s %11s %10s %10s %7d   %s%s" % (
+        lead, width, title, fmt_int(r["rt_per_s"]), fmt_us(r["p50_us"]),
         fmt_us(r["p99_us"]), r.get("errors", 0), fmt_cpu(r.get("cpu", {})), warn)
 
 
@@ -148,6 +166,22 @@ def render(res):
             if mine.get("pipelined"):
                 w("  %s / HAProxy pipelined: %s" % (title, fmt_ratio(mine["pipelined"]["pplex_over_haproxy"])))
 
+    if res.get("sized"):
+        w("")
+        w("message sizes: %d closed-loop clients, one message in flight each (round trips/s; MiB/s each way):"
+          % cfg["sizes_clients"])
+        last = None
+        for r in res["sized"]:
+            if last is not None and r["size"] != last:
+                w("")
+            last = r["size"]
+            w(_row_line(r, width, lead=fmt_size(r["size"])) +
+              ("" if "error" in r else "  %.1f MiB/s" % (r["rt_per_s"] * r["size"] / 2**20)))
+        for title, mine in rat.items():
+            if mine.get("sizes"):
+                w("  %s / HAProxy by size: %s" % (title, "   ".join(
+                    "%s: %s" % (fmt_size(s["size"]), fmt_ratio(s["pplex_over_haproxy"])) for s in mine["sizes"])))
+
     if res["memory"]:
         w("")
         w("idle memory per connection (%s idle TCP connections, VmRSS after - before, fresh process):"
@@ -174,6 +208,9 @@ def render(res):
                            for r in mine["closed_loop"])
         if mine.get("pipelined"):
             text += "   pipelined: %s" % fmt_ratio(mine["pipelined"]["pplex_over_haproxy"])
+        if mine.get("sizes"):
+            text += "   " + "  ".join("%s: %s" % (fmt_size(s["size"]), fmt_ratio(s["pplex_over_haproxy"]))
+                                      for s in mine["sizes"] if s["size"] != cfg["size"])
         heads.append("  HEADLINE  %-*s / HAProxy throughput   %s  " % (max(map(len, rat)), title, text))
     if heads:
         width = max(len(h) for h in heads)

@@ -28,6 +28,7 @@ from google.protobuf import empty_pb2
 
 from pplex import limits, node
 from pplex._proto import upstream_pb2, upstream_pb2_grpc
+from pplex.grpctls import make_channel, tls_detail
 from pplex.logs import FAULTS
 from pplex.transport import CLEAN_END, Link, Transport
 
@@ -60,9 +61,9 @@ def grpc_target(host, port):
     return f"{host}:{port}"
 
 
-def describe_rpc_error(error):
+def describe_rpc_error(error, server_name=None):
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
-        return f"{error.code().name}: {error.details()}"
+        return tls_detail(error.details(), server_name) or f"{error.code().name}: {error.details()}"
     return repr(error)
 
 
@@ -74,21 +75,24 @@ class GrpcTransport(Transport):
             max_workers=max_threads, thread_name_prefix="pplex-bridge")
 
     def connect(self, upstream, events):
-        return GrpcLink(self, upstream.host, upstream.port, events, upstream.max_message_bytes)
+        return GrpcLink(self, upstream.host, upstream.port, events, upstream.max_message_bytes,
+                        getattr(upstream, "tls", None))
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class GrpcLink(Link):
-    def __init__(self, transport, host, port, events, max_message_bytes=limits.MAX_MESSAGE_BYTES.default):
+    def __init__(self, transport, host, port, events, max_message_bytes=limits.MAX_MESSAGE_BYTES.default,
+                 tls=None):
         self.target = grpc_target(host, port)
+        self.server_name = (tls.get("server_name") if isinstance(tls, dict) else None) or host
         self.events = events
         self.closed = False
         self._pool = transport.pool
         self._reactor = transport.reactor
         self._post = transport.reactor.call_soon_threadsafe
-        self._channel = grpc.insecure_channel(self.target, options=channel_options(max_message_bytes))
+        self._channel = make_channel(self.target, tls, channel_options(max_message_bytes))
         self._channel.subscribe(self._connectivity)
         self._stub = upstream_pb2_grpc.UpstreamPeerServiceStub(self._channel)
         self._stream = None   # the current _StreamState
@@ -115,7 +119,7 @@ class GrpcLink(Link):
             self.ready_seconds = time.monotonic() - started
             detail = "ready" if ok else "worker answered ready=false"
         except Exception as error:  # grpc.RpcError or cancellation
-            ok, detail = False, describe_rpc_error(error)
+            ok, detail = False, describe_rpc_error(error, self.server_name)
         self._post(self._emit, self.events.on_ready, ok, detail)
 
     # -- data stream ---------------------------------------------------------

@@ -15,6 +15,7 @@ import voluptuous as vol
 from pplex import limits, proxyproto
 from pplex.errors import ConfigError
 from pplex.logs import LOG_FORMATS
+from pplex.tls import validate_upstream_tls
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
 
@@ -46,6 +47,8 @@ def _port(low):
 UPSTREAM = {
     vol.Required("host"): Host,
     vol.Required("port"): _port(1),
+    # TLS to the worker: true (system roots) or {ca_file, cert_file, key_file, server_name}; see pplex.tls
+    vol.Optional("tls"): validate_upstream_tls,
     **limits.section_schema("upstream"),
 }
 

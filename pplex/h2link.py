@@ -353,7 +353,11 @@ class _Connection(BufferedSocket):
     def __init__(self, link):
         BufferedSocket.__init__(self, link.reactor, None)
         self.link = link
-        self.addresses = []        # resolved addresses not tried yet
+        self.addresses = []        # resolved (family, sockaddr) not tried yet
+        self.address = None        # the (family, sockaddr) being tried, or connected to
+        self.budget = None         # seconds the ready probe gives the connect (start)
+        self.attempt_seconds = None  # deadline of one address's attempt while others wait
+        self.attempt_timer = None
         self.connected = False
         self.calls = {}            # stream id -> _Call
         self.scanner = FrameScanner()
@@ -369,62 +373,116 @@ class _Connection(BufferedSocket):
                                  SettingCodes.ENABLE_PUSH: 0})
         self.h2.increment_flow_control_window(RECEIVE_WINDOW - 65535)
 
-    def start(self):
+    def start(self, budget=None):
         """Begin connecting; return None, or why it failed at once.
 
-        An IP literal connects at once. A DNS name is resolved on a short-lived
-        thread, because getaddrinfo blocks and the reactor thread must not;
-        calls opened meanwhile wait in `out` like those of a pending connect.
+        An IP literal connects at once. A DNS name is resolved again for every
+        new connection, on a short-lived thread (getaddrinfo blocks and the
+        reactor thread must not); calls opened meanwhile wait in `out` like
+        those of a pending connect. `budget` (seconds, the ready probe's
+        deadline) is shared among the addresses: see `_connect_next`.
         """
+        self.budget = budget
         link = self.link
         try:
             infos = socket.getaddrinfo(link.host, link.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
         except socket.gaierror:
-            threading.Thread(target=self._resolve, name="pplex-h2-resolve", daemon=True).start()
+            try:
+                threading.Thread(target=self._resolve, name="pplex-h2-resolve", daemon=True).start()
+            except RuntimeError as error:  # no thread to be had: this connection fails, pplex goes on
+                return f"UNAVAILABLE: cannot resolve {link.authority.decode()}: {error}"
             return None
-        self.addresses = infos
-        return self._connect_next()
+        return self._use([(info[0], info[4]) for info in infos])
 
     def _resolve(self):
+        """On the resolver thread: the name's addresses, handed to the reactor thread."""
         link = self.link
         try:
-            infos = socket.getaddrinfo(link.host, link.port, type=socket.SOCK_STREAM)
+            addresses = list(link.resolve(link.host, link.port))
+            if not addresses:
+                raise OSError("the name has no address")
         except (OSError, UnicodeError) as error:
             why = getattr(error, "strerror", None) or error
             self.reactor.call_soon_threadsafe(
                 self._resolved, None, f"UNAVAILABLE: cannot resolve {link.authority.decode()}: {why}")
             return
-        self.reactor.call_soon_threadsafe(self._resolved, infos, None)
+        except Exception as error:  # a resolver seam's bug must not leave the probe hanging
+            self.reactor.call_soon_threadsafe(
+                self._resolved, None, f"UNAVAILABLE: cannot resolve {link.authority.decode()}: {error!r}")
+            return
+        self.reactor.call_soon_threadsafe(self._resolved, addresses, None)
 
-    def _resolved(self, infos, detail):
+    def _resolved(self, addresses, detail):
         if self.closed:
             return
         if detail is None:
-            self.addresses = infos
-            detail = self._connect_next()
+            detail = self._use(addresses)
         if detail is not None:
             self.fail(detail)
 
+    def _use(self, addresses):
+        """Connect to `addresses` in order, the one this link last reached first."""
+        last = self.link.last_address
+        if last is not None and last in addresses and addresses[0] != last:
+            addresses.remove(last)
+            addresses.insert(0, last)
+        self.addresses = addresses
+        self.attempt_seconds = self.budget / len(addresses) if self.budget and len(addresses) > 1 else None
+        return self._connect_next()
+
     def _connect_next(self):
-        """Connect to the next address the name resolved to (a name may have IPv6 and IPv4 ones)."""
+        """Connect to the next address the name resolved to (IPv6 and IPv4 alike).
+
+        While other addresses wait behind it, an attempt gets its share of the
+        probe's budget as a deadline (a reactor timer): an address that never
+        answers (a blackhole) costs that share, not the whole probe. An error
+        at socket creation (too many open files) fails this attempt like a
+        refused connect.
+        """
         code = 0
         while self.addresses:
-            family, kind, proto, _, address = self.addresses.pop(0)
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            code = sock.connect_ex(address)
+            family, address = self.addresses.pop(0)
+            sock = None
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                code = sock.connect_ex(address)
+            except OSError as error:   # EMFILE, ENFILE, ENOBUFS, an address of the wrong family
+                code = error.errno or errno.EIO
             if code in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EINTR):
                 break
-            sock.close()
+            if sock is not None:
+                sock.close()
         else:
-            return f"UNAVAILABLE: cannot connect to {self.link.authority.decode()}: {os.strerror(code)}"
+            why = os.strerror(code) if code else "the name has no address"
+            return f"UNAVAILABLE: cannot connect to {self.link.authority.decode()}: {why}"
         self.sock = sock
+        self.address = (family, address)
         self.connected = code == 0
+        if self.connected:
+            self.link.last_address = self.address
+        elif self.addresses and self.attempt_seconds:
+            self.attempt_timer = self.reactor.call_later(self.attempt_seconds, self._attempt_expired, sock)
         # Writable once connected: then what h2 holds goes.
         self.events = 0
         self.set_events(READ | WRITE)
         return None
+
+    def _attempt_expired(self, sock):
+        """An address did not answer within its share of the budget: on to the next one."""
+        if self.closed or self.connected or self.sock is not sock:
+            return
+        self.attempt_timer = None
+        self._next_address()
+
+    def _next_address(self):
+        self.set_events(0)
+        self.sock.close()
+        self.sock = None
+        detail = self._connect_next()
+        if detail is not None:
+            self.fail(detail)
 
     # -- streams -------------------------------------------------------------
     def open_call(self, call, path, extra=(), body=None, end_stream=False):
@@ -481,18 +539,17 @@ class _Connection(BufferedSocket):
     def _connect_done(self):
         """The nonblocking connect finished (the socket is readable or writable): did it work?"""
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if self.attempt_timer is not None:
+            self.attempt_timer.cancel()
+            self.attempt_timer = None
         if code and self.addresses:
-            self.set_events(0)
-            self.sock.close()
-            self.sock = None
-            detail = self._connect_next()
-            if detail is not None:
-                self.fail(detail)
+            self._next_address()
             return False
         if code:
             self.fail(f"UNAVAILABLE: cannot connect to {self.link.authority.decode()}: {os.strerror(code)}")
             return False
         self.connected = True
+        self.link.last_address = self.address
         return True
 
     def on_writable(self):
@@ -674,13 +731,22 @@ class _Connection(BufferedSocket):
 
 
 # -- the link ----------------------------------------------------------------------
+def resolve_address(host, port):
+    """A DNS name's TCP addresses as [(family, sockaddr)], in the order the system prefers (RFC 6724)."""
+    return [(info[0], info[4]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+
+
 class H2Transport(Transport):
-    def __init__(self, reactor):
+    def __init__(self, reactor, resolve=resolve_address):
+        """`resolve(host, port) -> [(family, sockaddr)]` runs on a short-lived thread (tests give their own)."""
         self.reactor = reactor
+        self.resolve = resolve
 
     def connect(self, upstream, events):
-        return H2Link(self.reactor, upstream.host, upstream.port, events,
+        link = H2Link(self.reactor, upstream.host, upstream.port, events,
                       max_message_bytes=upstream.max_message_bytes)
+        link.resolve = self.resolve
+        return link
 
     def close(self):
         pass
@@ -696,6 +762,8 @@ class H2Link(Link):
         self.authority = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
         self.events = events
         self.closed = False
+        self.resolve = resolve_address
+        self.last_address = None   # the address the last connection reached: tried first next time
         self._conn = None
         self._ready = None
         self._data = None
@@ -711,13 +779,13 @@ class H2Link(Link):
     def _emit_soon(self, handler, *args):
         self.reactor.call_soon(self._emit, handler, *args)
 
-    def _connection(self):
+    def _connection(self, budget=None):
         """The open connection, or a new one; (connection, None) or (None, why not)."""
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn, None
         conn = _Connection(self)
-        detail = conn.start()
+        detail = conn.start(budget)
         if detail is not None:
             return None, detail
         self._conn = conn
@@ -736,7 +804,7 @@ class H2Link(Link):
             old.stopped = True
             if old.timer is not None:
                 old.timer.cancel()
-        conn, detail = self._connection()
+        conn, detail = self._connection(timeout)
         call = _ReadyCall(self, self.reactor.clock(), timeout)
         self._ready = call
         if conn is None:

@@ -39,8 +39,8 @@ UPSTREAM_DEFAULTS = {s.key: s.default for s in limits.SETTINGS if s.section == "
 
 class Upstream:
     __slots__ = (
-        "id", "host", "port", "spec", "alive_timeout", "ready_timeout", "max_message_bytes", "merge_limit",
-        "stall_timeout", "drain_timeout", "state", "link", "health",
+        "id", "host", "port", "spec", "tls", "alive_timeout", "ready_timeout", "max_message_bytes",
+        "merge_limit", "stall_timeout", "drain_timeout", "state", "link", "health",
         "batch", "batch_bytes", "blocked", "queued", "streaming", "routed",
         "last_error", "failures", "retry_timer", "live_timer", "stall_timer", "drain_timer",
         "stall_progress", "stall_since", "drain_then", "ever_ready", "removed",
@@ -52,6 +52,7 @@ class Upstream:
         self.spec = spec
         self.host = spec["host"]
         self.port = spec["port"]
+        self.tls = spec.get("tls")  # None (plaintext), True or the validated dict (pplex.tls)
         self.alive_timeout = spec["alive_timeout"]
         self.ready_timeout = spec["ready_timeout"]
         self.max_message_bytes = spec["max_message_bytes"]
@@ -93,7 +94,7 @@ class Upstream:
             "id": self.id, "host": self.host, "port": self.port, "address": self.address,
             "state": str(self.state), "alive_timeout": self.alive_timeout,
             "ready_timeout": self.ready_timeout, "max_message_bytes": self.max_message_bytes,
-            "messages_routed": self.routed, "last_error": self.last_error,
+            "messages_routed": self.routed, "last_error": self.last_error, "tls": self.tls,
             "ejections": health.ejections_total, "ejections_in_a_row": health.ejections,
             "live_rtt_seconds": getattr(self.link, "live_seconds", None),
             "ready_probe_seconds": getattr(self.link, "ready_seconds", None),
@@ -144,9 +145,9 @@ class Upstreams:
         upstream.link.keep_unconfirmed = self.redeliver
         self.by_id[upstream.id] = upstream
         self.by_link[upstream.link] = upstream
-        log.info("upstream %s %s added (alive_timeout %ss, ready_timeout %ss)",
+        log.info("upstream %s %s added (alive_timeout %ss, ready_timeout %ss%s)",
                  upstream.id, upstream.address, upstream.alive_timeout, upstream.ready_timeout,
-                 extra={"upstream": upstream.address})
+                 ", TLS" if upstream.tls else "", extra={"upstream": upstream.address})
         if self._notify_added:
             self._notify_added(upstream)
         self._probe(upstream)

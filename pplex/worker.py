@@ -213,8 +213,12 @@ class Worker:
         self._errors_log.log(log, logging.ERROR, where, "%s raised%s; the stream goes on", where, who,
                              exc_info=True)
 
-    def serve(self, port=0, host="127.0.0.1", max_threads=64):
-        """Start serving in background threads; returns self (see `port`, `stop`, `wait`)."""
+    def serve(self, port=0, host="127.0.0.1", max_threads=64, credentials=None):
+        """Start serving in background threads; returns self (see `port`, `stop`, `wait`).
+
+        `credentials`: `grpc.ssl_server_credentials(...)` to serve TLS (pplex's
+        upstream `tls` setting), or None for plaintext.
+        """
         self.server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=max_threads),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -222,7 +226,10 @@ class Worker:
                      ("grpc.so_reuseport", 0)])
         upstream_pb2_grpc.add_UpstreamPeerServiceServicer_to_server(_Servicer(self), self.server)
         bound_host = f"[{host}]" if ":" in host else host
-        self.port = self.server.add_insecure_port(f"{bound_host}:{port}")
+        if credentials is None:
+            self.port = self.server.add_insecure_port(f"{bound_host}:{port}")
+        else:
+            self.port = self.server.add_secure_port(f"{bound_host}:{port}", credentials)
         if not self.port:
             raise OSError(f"cannot listen on {host}:{port}")
         self.server.start()

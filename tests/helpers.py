@@ -92,9 +92,10 @@ class Client:
 class PplexProcess:
     """pplex as a real process on free loopback ports; its log goes to a file."""
 
-    def __init__(self, tmp_path, *args, config=None, env=None):
+    def __init__(self, tmp_path, *args, config=None, env=None, prefix=()):
+        """`prefix`: a command that runs pplex (e.g. in a namespace: tests/netutil.py)."""
         self.log_path = tmp_path / f"pplex-{id(self)}.log"
-        command = [sys.executable, "-m", "pplex", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        command = [*prefix, sys.executable, "-m", "pplex", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                    "--log-level", "info", *args]
         if config is not None:
             config_path = tmp_path / f"pplex-{id(self)}.json"
