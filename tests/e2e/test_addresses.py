@@ -32,6 +32,7 @@ class Upstream:
 
     def __init__(self, host, port):
         self.host, self.port, self.tls = host, port, None
+        self.max_message_bytes = 4 * 1024 * 1024
 
 
 @pytest.fixture
