@@ -23,7 +23,7 @@ import struct
 
 import voluptuous as vol
 
-from pplex import FrameError, hookimpl
+from pplex import FrameError, hookimpl, limits
 
 MiB = 1024 * 1024
 FORMATS = {1: ">B", 2: ">H", 4: ">I", 8: ">Q"}
@@ -37,9 +37,12 @@ def Width(value):
 
 
 def FrameBytes(value):
-    """a positive integer (bytes)"""
+    """a positive integer (bytes), at most the largest upstream max_message_bytes"""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise vol.Invalid(f"expected a positive integer number of bytes (got {json.dumps(value)})")
+    if value > limits.MAX_MESSAGE_BYTES.high:
+        raise vol.Invalid(f"must be at most {limits.MAX_MESSAGE_BYTES.high}, the largest gRPC message pplex "
+                          f"sends (upstream max_message_bytes) (got {value})")
     return value
 
 

@@ -20,7 +20,7 @@ import json
 
 import voluptuous as vol
 
-from pplex import FrameError, hookimpl
+from pplex import FrameError, hookimpl, limits
 
 MiB = 1024 * 1024
 
@@ -33,9 +33,12 @@ def Delimiter(value):
 
 
 def FrameBytes(value):
-    """a positive integer (bytes)"""
+    """a positive integer (bytes), at most the largest upstream max_message_bytes"""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise vol.Invalid(f"expected a positive integer number of bytes (got {json.dumps(value)})")
+    if value > limits.MAX_MESSAGE_BYTES.high:
+        raise vol.Invalid(f"must be at most {limits.MAX_MESSAGE_BYTES.high}, the largest gRPC message pplex "
+                          f"sends (upstream max_message_bytes) (got {value})")
     return value
 
 

@@ -8,11 +8,12 @@ rotation as their ready probes answer.
 import logging
 import resource
 
-from pplex import admin_cluster, node
+from pplex import admin_cluster, limits, node
 from pplex.admin import AdminServer, Control, build_app
 from pplex.bridge import GrpcTransport
 from pplex.config import ADMIN_LOG_LEVELS
 from pplex.connection import format_peer
+from pplex.errors import ConfigError
 from pplex.h2link import H2Transport
 from pplex.manager import Context, PluginSet
 from pplex.metrics import metrics_exporter
@@ -34,12 +35,24 @@ def raise_file_limit():
     return soft
 
 
+def check_frame_limits(plugin_settings, upstreams):
+    """A plugin's `max_frame_bytes` may not exceed the smallest upstream max_message_bytes: a frame
+    larger than a worker's gRPC limit would break the stream every client of that worker shares."""
+    smallest = min((u["max_message_bytes"] for u in upstreams), default=limits.MAX_MESSAGE_BYTES.default)
+    for name, settings in plugin_settings.items():
+        value = settings.get("max_frame_bytes") if isinstance(settings, dict) else None
+        if isinstance(value, int) and value > smallest:
+            raise ConfigError(f"plugins.{name}.max_frame_bytes: must not be above the upstreams' "
+                              f"max_message_bytes ({smallest}) (got {value})")
+
+
 class App:
     def __init__(self, config, admin_token=None):
         self.config = config
         self.admin_token = admin_token
         self.reactor = Reactor()
         self.plugins = PluginSet(enabled=list(config["plugins"]), settings=config["plugins"])
+        check_frame_limits(self.plugins.settings, config["upstream"])
         self.context = Context(self.reactor, config, proxy=None)
         self.plugins.configure(self.context)
         self.transport = TRANSPORTS[config["transport"]](self.reactor)
