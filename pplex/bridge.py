@@ -34,8 +34,8 @@ from pplex.transport import CLEAN_END, Link, Transport
 
 log = logging.getLogger("pplex.bridge")
 
-# Worker messages waiting for the reactor above which the reader stops reading the stream.
-INBOX_LIMIT = 10_000
+# Bytes of worker messages waiting for the reactor above which the reader stops reading the stream.
+INBOX_LIMIT_BYTES = 1024 * 1024
 # After the channel goes IDLE, the data stream must still be open this much later to be a GOAWAY.
 GOAWAY_CHECK_SECONDS = 0.1
 _EMPTY = empty_pb2.Empty()
@@ -183,11 +183,12 @@ class GrpcLink(Link):
                 with cond:
                     # Streams keep order: what was written before this answer was read by the worker.
                     state.answered()
-                    while (state.paused or len(state.inbox) >= INBOX_LIMIT) and not state.done:
+                    while (state.paused or state.inbox_bytes >= INBOX_LIMIT_BYTES) and not state.done:
                         cond.wait()
                     if state.done:
                         break
                     state.inbox.append(out)
+                    state.inbox_bytes += len(out.payload) + 64
                     wake = not state.wake_posted
                     state.wake_posted = True
                 if wake:
@@ -204,8 +205,11 @@ class GrpcLink(Link):
 
     def _deliver(self, state, ended=None):
         """Reactor thread: hand the inbox's messages to the core, then the stream's end if it came."""
+        if self._replies_paused and ended is None:
+            return  # kept (wake_posted stays set): resume_replies delivers it
         with state.cond:
             inbox, state.inbox = state.inbox, []
+            state.inbox_bytes = 0
             state.wake_posted = False
             state.cond.notify_all()
         if self.closed or self._stream is not state:
@@ -273,6 +277,9 @@ class GrpcLink(Link):
     def resume_replies(self):
         self._replies_paused = False
         self._set_paused(False)
+        state = self._stream
+        if state is not None and state.inbox:
+            self._deliver(state)
 
     def _set_paused(self, paused):
         state = self._stream
@@ -356,7 +363,7 @@ class _StreamState:
 
     __slots__ = ("cond", "call", "next", "want_drain", "current", "claimed", "done", "closing",
                  "written", "written_at_answer", "confirmed", "kept", "kept_bytes",
-                 "inbox", "wake_posted", "paused", "reader_done")
+                 "inbox", "inbox_bytes", "wake_posted", "paused", "reader_done")
 
     def __init__(self, keep_unconfirmed, paused):
         self.cond = threading.Condition()
@@ -373,6 +380,7 @@ class _StreamState:
         self.kept = [] if keep_unconfirmed else None   # written, unconfirmed batches (redeliver)
         self.kept_bytes = 0
         self.inbox = []           # worker messages for the reactor
+        self.inbox_bytes = 0      # their payloads' size, about
         self.wake_posted = False
         self.paused = paused
         self.reader_done = False

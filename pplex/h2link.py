@@ -73,6 +73,8 @@ RECV_PER_EVENT = 4
 # DATA bytes that bypassed h2 after which they are given back (WINDOW_UPDATE);
 # far below RECEIVE_WINDOW, so the worker never waits for it.
 WINDOW_RETURN_BYTES = 256 * 1024
+# Replies held while clients were behind are delivered this many bytes per reactor pass.
+RELEASE_BYTES_PER_PASS = 256 * 1024
 # Bytes waiting for the socket above which offer() refuses (on_drained follows once under the low mark).
 OUT_HIGH_WATER = 1 * MiB
 OUT_LOW_WATER = 256 * 1024
@@ -173,7 +175,7 @@ class _ReadyCall(_Call):
 
 class _DataCall(_Call):
     __slots__ = ("batch", "wire", "ends", "sent", "started_msgs", "written", "written_at_answer",
-                 "want_drain", "closing", "confirmed", "kept", "kept_bytes")
+                 "want_drain", "closing", "confirmed", "kept", "kept_bytes", "held")
 
     def __init__(self, link):
         super().__init__(link)
@@ -190,6 +192,34 @@ class _DataCall(_Call):
         # keep_unconfirmed: the messages written since the worker's latest message (flat batches)
         self.kept = [] if link.keep_unconfirmed else None
         self.kept_bytes = 0
+        self.held = None        # DATA received while replies are paused, in order (runs of payloads)
+
+    def data(self, payloads):
+        """While replies are paused (clients are behind), what arrives is held, not delivered: at most
+        the stream's receive window, since its window is not given back until they resume."""
+        if self.held is not None or self.link.replies_paused:
+            if self.held is None:
+                self.held = []
+            self.held.append(payloads)
+            return
+        _Call.data(self, payloads)
+
+    def release(self, budget):
+        """Deliver held DATA, about `budget` bytes of it; True while some is still held."""
+        held = self.held
+        while held and budget > 0 and not self.finished:
+            payloads = held.pop(0)
+            budget -= sum(map(len, payloads))
+            _Call.data(self, payloads)
+        if held:
+            return True
+        self.held = None
+        return False
+
+    def ended(self):
+        if self.held:  # the stream's end comes after everything it sent
+            self.release(1 << 62)
+        _Call.ended(self)
 
     def messages(self, messages):
         if self.stopped:
@@ -919,12 +949,18 @@ class H2Link(Link):
 
     def resume_replies(self):
         self.replies_paused = False
-        conn = self._conn
+        self._release_held()
+
+    def _release_held(self):
+        """Held replies go out a slice per reactor pass, so the end of each pass can pause them again."""
         call = self._data
-        if call is not None and call.conn is not None and not call.conn.closed:
-            call.conn.return_window()
-        elif conn is not None and not conn.closed:
-            conn.return_window()
+        if self.replies_paused or call is None or call.conn is None or call.conn.closed:
+            return
+        if call.held and call.release(RELEASE_BYTES_PER_PASS):
+            self.reactor.call_soon(self._release_held)
+            return
+        call.conn.return_window()
+        call.conn.flush()
 
     def stop_stream(self):
         call, self._data = self._data, None

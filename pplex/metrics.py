@@ -7,7 +7,8 @@ touches a Prometheus object.
 from prometheus_client import CollectorRegistry, generate_latest, CONTENT_TYPE_LATEST
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from pplex import node
+from pplex import node, reasons
+from pplex.logs import FAULTS
 
 UPSTREAM_STATES = ("connecting", "unready", "ready", "draining")
 
@@ -25,8 +26,9 @@ class _ProxyCollector:
 
     def _families(self):
         proxy = self.app.proxy
-        snap, upstreams = self.app.control.call(
-            lambda: (proxy.stats.snapshot(proxy.conns.values()), [u.as_dict() for u in proxy.upstreams]))
+        snap, upstreams, unread = self.app.control.call(
+            lambda: (proxy.stats.snapshot(proxy.conns.values()), [u.as_dict() for u in proxy.upstreams],
+                     proxy.client_output_bytes))
         yield GaugeMetricFamily("pplex_connections_open", "Open client connections.",
                                 value=snap["connections_open"])
         for name, key, text in (
@@ -39,9 +41,25 @@ class _ProxyCollector:
                 ("pplex_bytes_out", "bytes_out", "Bytes written to clients."),
                 ("pplex_broadcasts", "broadcasts", "Broadcasts delivered."),
                 ("pplex_messages_rerouted", "rerouted", "Messages re-routed after a worker left."),
+                ("pplex_messages_redelivered", "redelivered",
+                 "Unconfirmed messages sent again (server.redeliver_unconfirmed)."),
                 ("pplex_messages_unconfirmed", "unconfirmed",
-                 "Messages written to a stream that broke before the worker answered.")):
+                 "Messages written to a stream that broke before the worker answered."),
+                ("pplex_backpressure_episodes", "backpressure_episodes",
+                 "Times clients fell behind by more than output_budget and replies were paused.")):
             yield CounterMetricFamily(name, text, value=snap[key])
+        yield GaugeMetricFamily("pplex_clients_unread_bytes", "Bytes written to clients and not yet sent.",
+                                value=unread)
+        closes = CounterMetricFamily("pplex_connections_closed_by_reason",
+                                     "Client connections closed, by reason (pplex.reasons).", labels=["reason"])
+        for reason in reasons.REASONS:
+            closes.add_metric([reason], snap["closes"].get(reason, 0))
+        yield closes
+        errors = CounterMetricFamily("pplex_errors", "Errors contained at a fault boundary, by where.",
+                                     labels=["where"])
+        for where, count in sorted(FAULTS.snapshot().items()):
+            errors.add_metric([where], count)
+        yield errors
         drops = CounterMetricFamily("pplex_drops", "Messages or replies dropped, by reason.",
                                     labels=["reason"])
         for reason, count in sorted(snap["drops"].items()):
@@ -55,8 +73,11 @@ class _ProxyCollector:
                                  "Round trip of the latest live heartbeat.", labels=["upstream", "address"])
         ready = GaugeMetricFamily("pplex_upstream_ready_probe_seconds",
                                   "Duration of the latest successful ready probe.", labels=["upstream", "address"])
+        ejections = CounterMetricFamily("pplex_upstream_ejections", "Times each upstream was ejected from rotation.",
+                                        labels=["upstream", "address"])
         for up in upstreams:
             labels = [up["id"], up["address"]]
+            ejections.add_metric(labels, up["ejections"])
             for name in UPSTREAM_STATES:
                 state.add_metric(labels + [name], 1 if up["state"] == name else 0)
             routed.add_metric(labels, up["messages_routed"])
@@ -64,7 +85,7 @@ class _ProxyCollector:
                 live.add_metric(labels, up["live_rtt_seconds"])
             if up["ready_probe_seconds"] is not None:
                 ready.add_metric(labels, up["ready_probe_seconds"])
-        yield from (state, routed, live, ready)
+        yield from (state, routed, live, ready, ejections)
         cluster = self.app.cluster
         if cluster is not None:
             yield from _cluster_families(self.app.control.call(cluster.snapshot))

@@ -96,6 +96,7 @@ class Upstream:
             "ready_timeout": self.ready_timeout, "max_message_bytes": self.max_message_bytes,
             "messages_routed": self.routed, "last_error": self.last_error, "tls": self.tls,
             "ejections": health.ejections_total, "ejections_in_a_row": health.ejections,
+            "queued_bytes": self.batch_bytes,
             "live_rtt_seconds": getattr(self.link, "live_seconds", None),
             "ready_probe_seconds": getattr(self.link, "ready_seconds", None),
         }

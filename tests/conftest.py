@@ -1,7 +1,7 @@
 """Shared fixtures: pplex processes and in-process gRPC workers, cleaned up after each test."""
 import pytest
 
-from tests.helpers import PplexProcess, RecordingWorker
+from tests.helpers import GoWorker, PplexProcess, RecordingWorker
 
 
 @pytest.fixture
@@ -39,3 +39,18 @@ def start_worker():
     yield start
     for worker in started:
         worker.stop(grace=0)
+
+
+@pytest.fixture
+def go_worker(tmp_path):
+    """Start the Go reference worker in a mode: `go_worker("echo")`; stopped by pid afterwards."""
+    started = []
+
+    def start(mode, port=None):
+        worker = GoWorker(tmp_path, mode, port)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

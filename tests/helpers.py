@@ -171,6 +171,47 @@ class PplexProcess:
         self.log_file.close()
 
 
+GO_WORKER = os.path.join(ROOT, "conformance", "go-upstream", "bin", "go-upstream")
+
+
+class GoWorker:
+    """The Go reference worker (conformance/go-upstream) as a real process in one of its modes."""
+
+    def __init__(self, tmp_path, mode, port=None):
+        assert os.access(GO_WORKER, os.X_OK), f"{GO_WORKER} is missing: run bash conformance/go-upstream/build.sh"
+        self.port = port or free_port()
+        self.log_path = tmp_path / f"go-{mode}-{self.port}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([GO_WORKER, "--port", str(self.port), "--mode", mode], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        wait_for(lambda: b"listening on" in self.log_path.read_bytes(), message="the Go worker listening")
+
+    def output(self):
+        return self.log_path.read_text()
+
+    def freeze(self):
+        """SIGSTOP: a hung worker (its kernel still accepts bytes until the buffers fill)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
 class RecordingWorker(Worker):
     """Echoes, counts what it received, and obeys a few command payloads for tests.
 

@@ -16,47 +16,9 @@ from pplex._proto import upstream_pb2
 from tests.datastream import CONNECTED, DISCONNECTED, DataStream, ready_of
 from tests.helpers import ROOT, free_port, wait_for
 
-GO_WORKER = os.path.join(ROOT, "conformance", "go-upstream", "bin", "go-upstream")
 Out = upstream_pb2.OutputStreamRequest
 A = "aaaaaaaa-0000-4000-8000-000000000001"
 B = "bbbbbbbb-0000-4000-8000-000000000002"
-
-
-class GoWorker:
-    def __init__(self, tmp_path, mode):
-        assert os.access(GO_WORKER, os.X_OK), f"{GO_WORKER} is missing: run bash conformance/go-upstream/build.sh"
-        self.port = free_port()
-        self.log_path = tmp_path / f"go-{mode}.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([GO_WORKER, "--port", str(self.port), "--mode", mode], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        wait_for(lambda: b"listening on" in self.log_path.read_bytes(), message="the Go worker listening")
-
-    def output(self):
-        return self.log_path.read_text()
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.log.close()
-
-
-@pytest.fixture
-def go_worker(tmp_path):
-    started = []
-
-    def start(mode):
-        worker = GoWorker(tmp_path, mode)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
 
 
 @pytest.fixture
