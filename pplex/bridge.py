@@ -29,7 +29,7 @@ from google.protobuf import empty_pb2
 from pplex import limits, node
 from pplex._proto import upstream_pb2, upstream_pb2_grpc
 from pplex.grpctls import make_channel, tls_detail
-from pplex.logs import FAULTS
+from pplex.logs import FAULTS, RateLimited
 from pplex.transport import CLEAN_END, Link, Transport
 
 log = logging.getLogger("pplex.bridge")
@@ -62,9 +62,27 @@ def grpc_target(host, port):
 
 
 def describe_rpc_error(error, server_name=None):
+    """One printable line: grpcio's details may span lines and (out of descriptors) carry raw bytes."""
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
-        return tls_detail(error.details(), server_name) or f"{error.code().name}: {error.details()}"
+        details = error.details() or ""
+        line = "".join(c for c in (details.splitlines() or [""])[0] if c.isprintable())
+        return tls_detail(details, server_name) or f"{error.code().name}: {line}"
     return repr(error)
+
+
+class _Repeats(logging.Filter):
+    """grpcio's own log lines repeat at every failed connect (with a traceback when out of
+    descriptors): at most one per message per interval goes through."""
+
+    def __init__(self):
+        super().__init__()
+        self.limiter = RateLimited()
+
+    def filter(self, record):
+        return self.limiter.allow(str(record.msg)[:120])[0]
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_Repeats())
 
 
 class GrpcTransport(Transport):

@@ -92,14 +92,16 @@ class Client:
 class PplexProcess:
     """pplex as a real process on free loopback ports; its log goes to a file."""
 
-    def __init__(self, tmp_path, *args, config=None, env=None, prefix=()):
-        """`prefix`: a command that runs pplex (e.g. in a namespace: tests/netutil.py)."""
+    def __init__(self, tmp_path, *args, config=None, env=None, prefix=(), config_path=None):
+        """`prefix`: a command that runs pplex (e.g. in a namespace: tests/netutil.py);
+        `config`: a dict written as its pplex.json; `config_path`: a config file as it is."""
         self.log_path = tmp_path / f"pplex-{id(self)}.log"
         command = [*prefix, sys.executable, "-m", "pplex", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
                    "--log-level", "info", *args]
         if config is not None:
             config_path = tmp_path / f"pplex-{id(self)}.json"
             config_path.write_text(json.dumps(config))
+        if config_path is not None:
             command += ["--config", str(config_path)]
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log_file, cwd=ROOT,
