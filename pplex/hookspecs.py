@@ -20,6 +20,22 @@ Semantics chosen per hook:
   plugin that must see both sides (timing a routing decision, overriding a
   balancer's choice). A wrapper on a per-message hook makes pplex call that
   hook through pluggy, with pluggy's cost, instead of a direct call.
+
+What an exception raised by an implementation means (the caller is the fault
+boundary; every contained error is counted in `pplex_errors_total{where}` and
+logged with its traceback, rate limited, and pplex goes on):
+- startup hooks (`pplex_settings_schema`, `pplex_configure`): startup stops
+  with a one-line error naming the plugin (exit 2);
+- per-client hooks (`pplex_accept`, `pplex_authenticate`, `pplex_route`,
+  `pplex_balance`, the framing object's `decode`): that client alone is closed
+  (reason `internal_error`; `pplex_accept` refuses it); a `FrameError` from
+  `decode` is the client's fault instead (reason `protocol_error`);
+- the framing object's `encode`: that reply is dropped and counted
+  (`drops{reason="reply_not_encodable"}`); the client and every other reply go on;
+- `pplex_broadcast`: that broadcast is dropped and counted (`broadcast_failed`);
+- observers (`pplex_connection_*`, `pplex_upstream_*`): ignored; the other
+  implementations still run, and the state change they observe is already
+  complete (a worker leaving rotation has left it).
 """
 import pluggy
 
