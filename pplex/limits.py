@@ -265,3 +265,19 @@ DNS_REFRESH = setting(
     "seconds between lookups of a DNS upstream entry's name")
 # Addresses one DNS name may bring; the rest of an answer is ignored (and logged).
 DNS_MAX_ADDRESSES = 256
+
+
+# -- the README's table ----------------------------------------------------------------------------
+def markdown_table():
+    """Every setting as a Markdown table (README "Every limit"); tests keep the README equal to it."""
+    rows = ["| setting | default | unit | range | why |", "| --- | --- | --- | --- | --- |"]
+    for declared in SETTINGS:
+        path = declared.path.replace("upstream.", "upstream[].").replace("upstream_dns.", "upstream[] (dns).")
+        low = ("(" if declared.low_open else "[") + _number(declared.low)
+        rows.append(f"| `{path}` | {_number(declared.default)} | {declared.unit} | "
+                    f"{low}, {_number(declared.high)}] | {declared.why} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m pplex.limits: the table to paste into the README
+    print(markdown_table(), end="")

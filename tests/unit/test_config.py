@@ -179,3 +179,10 @@ def test_cluster_and_dns_entries_validate():
     [entry] = config["upstream"]
     assert (entry["dns"], entry["port"], entry["refresh"], entry["alive_timeout"], entry["ready_timeout"]) == (
         "workers.game.svc.cluster.local", 50051, 5, 30, 5)
+
+
+def test_the_readme_table_of_limits_is_the_one_limits_py_makes():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    start = readme.index("<!-- limits:begin -->\n") + len("<!-- limits:begin -->\n")
+    end = readme.index("<!-- limits:end -->")
+    assert readme[start:end] == limits.markdown_table(), "run python -m pplex.limits and paste it into README.md"
