@@ -23,6 +23,7 @@ import socket
 
 from pplex.connection import format_peer
 from pplex.errors import ConfigError
+from pplex.listener import bind_socket
 
 SECRET_KEYS = {"token", "tokens", "password", "secret"}
 REDACTED = "<redacted>"
@@ -76,21 +77,6 @@ def check_files(config, source):
                                   f"{error.strerror or error}") from None
 
 
-def _bind(host, port):
-    """A socket bound as pplex's listeners bind (SO_REUSEADDR), not listening; raises OSError."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if family == socket.AF_INET and not host.replace(".", "").isdigit():
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def _overlap(host_a, host_b):
     wildcard = {"0.0.0.0", "::", ""}
     return host_a == host_b or host_a in wildcard or host_b in wildcard
@@ -100,7 +86,7 @@ def check_listeners(config):
     """Bind the client listener, then the admin API, as a start would; the same lines on failure."""
     server, admin = config["server"], config["management_server"]
     try:
-        client = _bind(server["host"], server["port"])
+        client = bind_socket(server["host"], server["port"])
     except OSError as error:
         raise ConfigError(f"pplex: cannot listen on {format_peer((server['host'], server['port']))}: "
                           f"{error.strerror or error}") from None
@@ -109,7 +95,7 @@ def check_listeners(config):
         # share a port: a start would not (the client listener is listening by then).
         if admin["port"] and admin["port"] == server["port"] and _overlap(admin["host"], server["host"]):
             raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
-        _bind(admin["host"], admin["port"]).close()
+        bind_socket(admin["host"], admin["port"]).close()
     except OSError as error:
         raise ConfigError(f"pplex: admin API cannot listen on {admin['host']}:{admin['port']}: "
                           f"{error.strerror or error}") from None

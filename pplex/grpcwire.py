@@ -12,7 +12,6 @@ import struct
 
 from h2.errors import ErrorCodes
 
-from pplex._proto import upstream_pb2
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024   # the same limit as the grpcio transport
 

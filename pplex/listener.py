@@ -18,6 +18,26 @@ from pplex.reactor import READ
 log = logging.getLogger("pplex.listener")
 
 
+def bind_socket(host, port, reuse_port=False, options=()):
+    """A TCP socket bound to (host, port) the way pplex's listeners bind (SO_REUSEADDR, and
+    SO_REUSEPORT when asked), not listening yet; `options`: more (level, name, value). Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if family == socket.AF_INET and not host.replace(".", "").isdigit():
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for level, name, value in options:
+            sock.setsockopt(level, name, value)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class Listener:
     """Accepts clients on one address while `accepting`; every method runs on the reactor thread."""
 
@@ -38,24 +58,15 @@ class Listener:
         """Bind and listen; return the bound (host, port). Raises OSError naming the address.
 
         `reuse_port`: several processes share the port (SO_REUSEPORT; `--processes`)."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        if family == socket.AF_INET and not host.replace(".", "").isdigit():
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        idle, interval, count = self.keepalive
+        options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        if idle:
+            options += [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)]
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            idle, interval, count = self.keepalive
-            if idle:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
-            sock.bind((host, port))
+            sock = bind_socket(host, port, reuse_port, options)
         except OSError as error:
-            sock.close()
             raise OSError(error.errno, f"cannot listen on {format_peer((host, port))}: {error.strerror}") from None
         sock.listen(backlog)
         sock.setblocking(False)

@@ -406,22 +406,25 @@ class Proxy:
                         "unconfirmed (at-most-once)", upstream.address, unconfirmed,
                         extra={"upstream": upstream.address})
         if resend:
-            routed, lost = self.reroute(resend)
+            routed = self._route_again(resend)
             self.stats.redelivered += routed
-            if lost:
-                self.stats.drop("client_gone", lost)
             log.warning("upstream %s: sent again %d message(s) it may not have read "
                         "(redeliver_unconfirmed: at-least-once)", upstream.address, routed,
                         extra={"upstream": upstream.address})
         if unsent:
-            routed, lost = self.reroute(unsent)
+            routed = self._route_again(unsent)
             self.stats.rerouted += routed
-            if lost:
-                self.stats.drop("client_gone", lost)
-            log.info("upstream %s: re-routed %d unsent message(s)%s", upstream.address, routed,
-                     f", {lost} for clients already gone" if lost else "", extra={"upstream": upstream.address})
+            log.info("upstream %s: re-routed %d unsent message(s)", upstream.address, routed,
+                     extra={"upstream": upstream.address})
         if self.paused_clients:
             self._resume_paused()
+
+    def _route_again(self, batch):
+        """`reroute`, counting the messages of clients already gone as dropped; returns how many went."""
+        routed, lost = self.reroute(batch)
+        if lost:
+            self.stats.drop("client_gone", lost)
+        return routed
 
     # -- slow consumers (the client buffer's watermarks) ------------------------
     def client_behind(self, conn):

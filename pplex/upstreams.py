@@ -387,8 +387,7 @@ class Upstreams:
         if self._notify_lost:
             self._notify_lost(upstream, f"draining: {why}")
         if batch:
-            routed, lost = self.proxy.reroute(batch)
-            self.proxy.stats.rerouted += routed
+            self.proxy.upstream_lost(upstream, batch, 0)
 
     def _drain_deadline(self, upstream):
         upstream.drain_timer = None

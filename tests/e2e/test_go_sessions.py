@@ -5,16 +5,13 @@ The conformance suite's Python SessionHelper answers the same commands the same 
 Its other modes keep the base contract: their ready answer announces nothing.
 """
 import json
-import os
-import signal
-import subprocess
 
 import pytest
 
 from conformance.workers import SessionHelper
 from pplex._proto import upstream_pb2
 from tests.datastream import CONNECTED, DISCONNECTED, DataStream, ready_of
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import wait_for
 
 Out = upstream_pb2.OutputStreamRequest
 A = "aaaaaaaa-0000-4000-8000-000000000001"

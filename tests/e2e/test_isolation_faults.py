@@ -16,7 +16,7 @@ from pplex._proto import upstream_pb2, upstream_pb2_grpc
 from pplex.timestamps import rfc3339_now
 from pplex.worker import EchoWorker, Worker
 from tests.e2e.test_failover import SteadyClients
-from tests.helpers import TRANSPORTS, RecordingWorker, wait_for
+from tests.helpers import TRANSPORTS, wait_for
 
 
 @pytest.fixture(params=TRANSPORTS)
