@@ -92,10 +92,25 @@ def _default_transports():
 
 
 def _transport_list(text):
+    """grpcio,h2 - and TRANSPORT@REV: the same transport, pplex as it was at git revision REV
+    (a before/after comparison in one run)."""
     chosen = [x.strip() for x in text.split(",") if x.strip()]
-    if not chosen or any(t not in TRANSPORTS for t in chosen):
-        raise argparse.ArgumentTypeError("transports are a comma-separated subset of %s" % ",".join(TRANSPORTS))
+    if not chosen or any(t.partition("@")[0] not in TRANSPORTS or t.endswith("@") for t in chosen):
+        raise argparse.ArgumentTypeError("transports are a comma-separated subset of %s, each optionally "
+                                         "@REV (pplex at that git revision)" % ",".join(TRANSPORTS))
     return list(dict.fromkeys(chosen))
+
+
+def checkout_revision(rev, tmpdir):
+    """pplex's tree at git revision `rev` in tmpdir (git archive), runnable with this venv."""
+    tree = os.path.join(tmpdir, "rev-" + rev.replace("/", "_"))
+    if not os.path.isdir(tree):
+        os.makedirs(tree)
+        archive = subprocess.run(["git", "-C", targets.REPO, "archive", rev], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+        # The venv's entry points name the built-in plugins `pplex_plugins`: that revision's own ones.
+        os.symlink("plugins", os.path.join(tree, "pplex_plugins"))
+    return tree
 
 
 def parse_args(argv):
@@ -230,14 +245,17 @@ class Bench:
         if self.worker is None:
             self.errors[key] = "no worker: %s" % self.errors.get("worker", "not started")
             return
+        kind, _, rev = transport.partition("@")
         try:
+            tree = checkout_revision(rev, self.tmpdir) if rev else None
             self.pplex, self.pplex_addr, admin = targets.start_pplex(
-                self.ps, self.worker_target, name="pplex-" + transport, extra=("--transport", transport))
+                self.ps, self.worker_target, name="pplex-" + transport.replace("@", "-"),
+                extra=("--transport", kind), tree=tree)
             self.pplexes[transport] = (self.pplex, self.pplex_addr)
             self.errors.pop(key, None)
             progress("pplex (%s) on %s:%d (admin %s:%d), upstream %s" % (
                 (transport,) + self.pplex_addr + admin + (self.worker_target,)))
-        except StartError as exc:
+        except (StartError, subprocess.CalledProcessError) as exc:
             self.errors[key] = str(exc)
             progress("pplex (%s) unavailable: %s" % (transport, exc))
 

@@ -19,9 +19,9 @@ BENCH = os.path.join(REPO, "bench")
 GO_WORKER = os.path.join(REPO, "conformance", "go-upstream", "bin", "go-upstream")
 
 
-def python_env():
+def python_env(tree=REPO):
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = tree + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
@@ -173,12 +173,14 @@ def pplex_argv():
     return [sys.executable, "-m", "pplex"]
 
 
-def start_pplex(ps, worker_target, timeout=30, name="pplex", extra=(), **probe):
+def start_pplex(ps, worker_target, timeout=30, name="pplex", extra=(), tree=None, **probe):
+    """pplex from this checkout, or from `tree` (another revision's files, run with this venv)."""
     listen = procs.free_port()
     admin = procs.free_port()
-    argv = pplex_argv() + ["--listen", "127.0.0.1:%d" % listen, "--upstream", worker_target,
-                           "--admin", "127.0.0.1:%d" % admin, "--log-level", "warning", *extra]
-    p = ps.start(name, argv, cwd=REPO, env=python_env())
+    command = pplex_argv() if tree is None else [sys.executable, "-m", "pplex"]
+    argv = command + ["--listen", "127.0.0.1:%d" % listen, "--upstream", worker_target,
+                      "--admin", "127.0.0.1:%d" % admin, "--log-level", "warning", *extra]
+    p = ps.start(name, argv, cwd=tree or REPO, env=python_env(tree or REPO))
     addr = ("127.0.0.1", listen)
     probe_while_alive(p, addr, timeout, argv, **probe)
     return p, addr, ("127.0.0.1", admin)
