@@ -125,9 +125,11 @@ def ready_call(port, timeout):
         channel.close()
 
 
-def watch_heartbeats(pplex, upstream, seconds, since):
-    """Poll /upstreams for `seconds`: (heartbeat answers seen, the left-rotation event or None, RTTs)."""
-    deadline = time.monotonic() + seconds
+def watch_heartbeats(pplex, upstream, seconds, since, answers=0, longest=5.0):
+    """Poll /upstreams for `seconds` (and on, up to `longest`, until `answers` heartbeat answers were
+    seen: a loaded machine may take longer to answer the first): (answers seen, the left-rotation
+    event or None, RTTs)."""
+    started = time.monotonic()
     rtts = []
     last = None
     while True:
@@ -139,7 +141,8 @@ def watch_heartbeats(pplex, upstream, seconds, since):
         if rtt is not None and rtt != last:
             rtts.append(rtt)
             last = rtt
-        if time.monotonic() >= deadline:
+        elapsed = time.monotonic() - started
+        if elapsed >= seconds and (len(rtts) >= answers or elapsed >= longest):
             return len(rtts), None, rtts
         time.sleep(HEARTBEAT_POLL)
 
@@ -173,7 +176,7 @@ def run(ctx):
     profile.ready_ok = True
     profile.rotation_seconds = max(0.0, entered.wall - started)
 
-    profile.heartbeats, left, _ = watch_heartbeats(pplex, "u1", IDLE_WATCH, mark)
+    profile.heartbeats, left, _ = watch_heartbeats(pplex, "u1", IDLE_WATCH, mark, answers=2)
     if left is not None:
         profile.idle_ok, profile.idle_detail = False, left.detail
         return profile

@@ -210,7 +210,7 @@ def live_heartbeats(ctx):
     pplex = ctx.pplex([instance.port], alive_timeout=LIVE_ALIVE)
     entered = wait_ready(pplex)
     mark = pplex.mark()
-    count, left, rtts = watch_heartbeats(pplex, "u1", LIVE_WATCH, mark)
+    count, left, rtts = watch_heartbeats(pplex, "u1", LIVE_WATCH, mark, answers=5)
     if left is not None:
         raise Fail(live_failure(left.detail, LIVE_ALIVE)
                    + f" (pplex took it out of rotation {ms(max(0.0, left.wall - entered.wall))} after it entered)",

@@ -115,6 +115,9 @@ def main(argv=None):
     if args.command == "check" and LOG_LEVELS.index(level) < LOG_LEVELS.index("warning"):
         level = "warning"  # check's stderr is its one error line, not a startup's info lines
     logs.configure(level, config["log_format"])
+    # gRPC's C core writes its own lines on stderr, not through Python's logging: only errors in text,
+    # none in JSON (where every line must be one JSON object). Read when grpc is first imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE" if config["log_format"] == "json" else "ERROR")
     node.install_log_field()
     args.log_level = level   # what --processes passes on to its children
     try:
