@@ -1,20 +1,16 @@
 """TLS and mTLS to workers, end to end: a real pplex process and real Python grpcio workers serving TLS.
 
 Certificates are made per test (tests/tlsutil.py). Every test runs on both
-transports; on h2 they are expected to fail until the in-reactor TLS engine
-(pplex/tls.py) is wired into the h2 transport (strict: they turn on, and must
-then pass, when it is).
+transports: grpcio's own TLS, and the in-reactor engine on h2 (pplex/tlssock.py).
 """
 import grpc
 import pytest
 
-from tests.helpers import RecordingWorker, wait_for
+from tests.helpers import TRANSPORTS, RecordingWorker, wait_for
 from tests.tlsutil import make_certs
 
-H2_TLS_PENDING = pytest.mark.xfail(strict=True, reason="h2 TLS lands in phase 2")
 
-
-@pytest.fixture(params=["grpcio", pytest.param("h2", marks=H2_TLS_PENDING)])
+@pytest.fixture(params=TRANSPORTS)
 def transport(request):
     return request.param
 
