@@ -3,6 +3,8 @@
 Certificates are made per test (tests/tlsutil.py). Every test runs on both
 transports: grpcio's own TLS, and the in-reactor engine on h2 (pplex/tlssock.py).
 """
+import socket
+
 import grpc
 import pytest
 
@@ -133,3 +135,16 @@ def test_admin_api_adds_a_tls_upstream_and_names_a_bad_file(start_pplex, tls_wor
     assert status == 201 and body["tls"] == {"ca_file": certs.ca}
     pplex.wait_ready_upstreams(1, timeout=5)
     assert round_trip(pplex) == b"over TLS\n"
+
+
+def test_a_worker_that_never_answers_the_handshake_stays_out_within_the_ready_deadline(start_pplex, transport):
+    with socket.socket() as silent:   # connects complete (the kernel's accept queue); nothing is ever said
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        pplex = start_pplex(config={"upstream": [{"host": "127.0.0.1", "port": silent.getsockname()[1],
+                                                  "ready_timeout": 0.5, "tls": True}]})
+        error = settled_error(pplex)
+        if transport == "h2":
+            assert error == "DEADLINE_EXCEEDED: no ready answer within 0.5 s (TLS handshake)"
+        else:   # grpcio's own words: its handshake gave up when the call's deadline closed the endpoint
+            assert "Handshake" in error
