@@ -30,7 +30,7 @@ from pplex import limits
 from pplex.bufsock import BufferedSocket
 from pplex.connection import format_peer
 from pplex.errors import ConfigError
-from pplex.logs import RateLimited
+from pplex.logs import FAULTS, RateLimited
 from pplex.proxyproto import HeaderParser, ProxyHeaderError, TrustedSources
 from pplex.reactor import READ, WRITE
 from pplex.tls import ServerTls, TlsError, TlsFileError, TlsTimeout
@@ -47,7 +47,9 @@ TLS_HANDSHAKE = "tls_handshake"        # the handshake failed (no, or a bad, cli
 TLS_TIMEOUT = "tls_timeout"            # no finished handshake within tls_handshake_timeout
 TOO_LARGE = "too_large"                # more than FRONT_DOOR_MAX_BYTES before it was open
 CLIENT_LEFT = "client_left"            # it closed or reset its connection before it was open
-KINDS = (PROXY_UNTRUSTED, PROXY_MALFORMED, PROXY_TIMEOUT, TLS_HANDSHAKE, TLS_TIMEOUT, TOO_LARGE, CLIENT_LEFT)
+INTERNAL_ERROR = "internal_error"      # pplex failed while it arrived (a bug: counted as a contained error too)
+KINDS = (PROXY_UNTRUSTED, PROXY_MALFORMED, PROXY_TIMEOUT, TLS_HANDSHAKE, TLS_TIMEOUT, TOO_LARGE, CLIENT_LEFT,
+         INTERNAL_ERROR)
 
 
 def tls_facts(engine):
@@ -190,6 +192,14 @@ class Arrival(TlsSocket, BufferedSocket):
         if self.closed:
             return
         try:
+            self._read()
+        except Exception:
+            # The fault boundary of one arriving client: it alone is closed.
+            FAULTS.report("front door", "a client arriving from %s; closing it", format_peer(self.peer), logger=log)
+            self.fail(INTERNAL_ERROR, "internal error while it arrived", reset=True)
+
+    def _read(self):
+        try:
             data = self.sock.recv(limits.FRONT_DOOR_RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return
@@ -289,7 +299,14 @@ class Arrival(TlsSocket, BufferedSocket):
         self.closed = True       # this object is done; the socket lives on in the connection
         door = self.door
         door.arriving.pop(self, None)
-        if door.open_client(sock, self.peer, self) is None and door.listener is not None:
+        try:
+            conn = door.open_client(sock, self.peer, self)
+        except Exception:
+            FAULTS.report("front door", "opening a client from %s; closing it", format_peer(self.peer), logger=log)
+            door.count(INTERNAL_ERROR, self.peer, "internal error while it was opened")
+            sock.close()
+            conn = None
+        if conn is None and door.listener is not None:
             door.listener.client_left()
 
     def hand_over(self, conn):

@@ -15,6 +15,7 @@ from pplex import limits
 from pplex.connection import Connection
 from pplex.errors import ConfigError
 from pplex.frontdoor import FrontDoor
+from pplex.logs import FAULTS
 from pplex.reactor import Reactor
 from pplex.stats import Stats
 from tests import proxyheaders as pp
@@ -243,6 +244,19 @@ def test_a_client_that_sends_too_much_before_it_is_open_is_closed(reactor, certs
         run_until(reactor, lambda: True)
     run_until(reactor, lambda: door.stats.front_door)
     assert door.stats.front_door == {"too_large": 1} and not proxy.opened
+
+
+def test_an_error_while_opening_closes_that_client_alone_and_is_counted(reactor):
+    door, proxy = door_for(reactor, proxy_protocol="v1", proxy_protocol_from=["127.0.0.1"])
+    before = FAULTS.snapshot().get("front door", 0)
+    proxy.open = lambda sock, peer, arrival: 1 / 0
+    door.open_client = proxy.open
+    client = accept(door)
+    client.send(pp.v1(("203.0.113.7", 1), ("192.0.2.1", 2)))
+    run_until(reactor, lambda: door.listener.left == 1)
+    assert closed_by_door(client) and not door.arriving
+    assert door.stats.front_door == {"internal_error": 1}
+    assert FAULTS.snapshot()["front door"] == before + 1
 
 
 def test_close_all_closes_every_arrival(reactor):
