@@ -10,7 +10,7 @@ proxy sets on this class from the config (`client_buffer_*`).
 Memory per idle connection matters (tens of thousands of idle game clients),
 hence `__slots__` and buffers that exist only while they hold data. A client
 that came with a PROXY header or over TLS is an instance of a subclass made by
-`pplex.frontdoor` (with the slots `proxy_facts`, and `tls`, `tls_facts`), so
+`pplex.frontdoor` (with the slots `proxy_header`, and `tls`, `tls_facts`), so
 a plain client carries none of it: for it those names are the class's None.
 """
 from pplex import reasons
@@ -30,9 +30,16 @@ class Connection(BufferedSocket):
     )
 
     # Set per instance by the front door's subclasses only (see the module docstring).
-    tls = None          # the pplex.tls.TlsEngine of a TLS client
-    tls_facts = None    # {"tls_version", "tls_cipher", "tls_sni"?, "tls_client_subject"?}
-    proxy_facts = None  # the PROXY header's facts, `proxyproto.Header.metadata()`
+    tls = None           # the pplex.tls.TlsEngine of a TLS client
+    tls_facts = None     # {"tls_version", "tls_cipher", "tls_sni"?, "tls_client_subject"?}
+    proxy_header = None  # the proxyproto.Header it came with
+
+    @property
+    def proxy_facts(self):
+        """The PROXY header's facts as CONNECTED metadata (`proxyproto.Header.metadata()`, a new
+        dict per call), or None without a header. Made when asked: it would cost each client ~700 B."""
+        header = self.proxy_header
+        return header.metadata() if header is not None else None
 
     def __init__(self, proxy, sock, uuid, peer, now):
         BufferedSocket.__init__(self, proxy.reactor, sock)

@@ -14,7 +14,7 @@ each accepted socket becomes an `Arrival` that goes through, in order:
    certificate that CA signed;
 4. **open**: the proxy runs the accept rules (`pplex_accept`) on the client's
    address, then opens it (UUID, counters, `pplex_connection_opened`) with
-   what the stages learnt: `conn.peer`, `conn.proxy_facts`, `conn.tls_facts`,
+   what the stages learnt: `conn.peer`, `conn.proxy_header` (`conn.proxy_facts`), `conn.tls_facts`,
    the TLS engine, and the plaintext that came with the last bytes read.
 
 An arrival holds at most `limits.FRONT_DOOR_MAX_BYTES` of what its client
@@ -92,9 +92,9 @@ class FrontDoor:
                 raise ConfigError(f"server.tls.{error}") from None
         self.arriving = {}      # Arrival -> None: clients between accept and open (an ordered set)
         self.listener = None    # told when an arrival leaves without opening (a slot is free again)
-        self.proxied_class = type("ProxiedClient", (client_class,), {"__slots__": ("proxy_facts",)})
+        self.proxied_class = type("ProxiedClient", (client_class,), {"__slots__": ("proxy_header",)})
         self.tls_class = type("TlsClient", (TlsSocket, client_class),
-                              {"__slots__": ("tls", "tls_timer", "tls_facts", "proxy_facts")})
+                              {"__slots__": ("tls", "tls_timer", "tls_facts", "proxy_header")})
         self.staged = self.mode != "off" or self.tls is not None
         # What the listener calls per accepted socket: with nothing to do here, the proxy itself.
         self.on_accept = self._arrive if self.staged else open_client
@@ -163,7 +163,7 @@ class FrontDoor:
 class Arrival(TlsSocket, BufferedSocket):
     """One client between accept and open: its PROXY header, then its TLS handshake (see the module)."""
 
-    __slots__ = ("door", "peer", "parser", "timer", "got", "proxy_facts", "early", "eof", "tls", "tls_timer")
+    __slots__ = ("door", "peer", "parser", "timer", "got", "header", "early", "eof", "tls", "tls_timer")
 
     tls_recv_bytes = limits.FRONT_DOOR_RECV_BYTES
 
@@ -174,7 +174,7 @@ class Arrival(TlsSocket, BufferedSocket):
         self.parser = None        # a HeaderParser while the PROXY header is due
         self.timer = None         # the PROXY header's deadline
         self.got = 0              # bytes read from the client so far
-        self.proxy_facts = None
+        self.header = None        # the PROXY header, once parsed
         self.early = b""          # plaintext that came before the client was open
         self.eof = False          # the client closed cleanly right after its handshake
         self.tls = None
@@ -232,12 +232,13 @@ class Arrival(TlsSocket, BufferedSocket):
         address = header.client_address()
         if address is not None:
             self.peer = address
-        self.proxy_facts = header.metadata()
+        rest, header.rest = header.rest, b""   # the client's bytes go on; the header keeps its facts
+        self.header = header
         if self.door.tls is None:
-            self.early = header.rest
+            self.early = rest
             self._open()
         else:
-            self.begin_tls(header.rest)
+            self.begin_tls(rest)
 
     def header_deadline(self):
         self.timer = None
@@ -311,7 +312,7 @@ class Arrival(TlsSocket, BufferedSocket):
 
     def hand_over(self, conn):
         """Called by the proxy with the new connection: give it what was learnt, and the socket's interest."""
-        conn.proxy_facts = self.proxy_facts
+        conn.proxy_header = self.header
         events = READ
         tls = self.tls
         if tls is not None:

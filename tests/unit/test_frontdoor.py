@@ -121,7 +121,7 @@ def test_with_neither_setting_the_listener_calls_the_proxy_itself():
     # Plain clients keep their class and size; only the door's own classes carry the new slots.
     assert door.proxied_class.__basicsize__ > Connection.__basicsize__
     assert door.tls_class.__basicsize__ > Connection.__basicsize__
-    assert Connection.tls is None and Connection.tls_facts is None and Connection.proxy_facts is None
+    assert Connection.tls is None and Connection.tls_facts is None and Connection.proxy_header is None
 
 
 def test_a_v2_header_fed_byte_by_byte_gives_the_address_the_facts_and_the_bytes_after_it(reactor):
