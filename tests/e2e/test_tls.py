@@ -72,6 +72,8 @@ def test_round_trip_with_the_right_ca(start_pplex, tls_worker, certs):
     pplex.wait_ready_upstreams(1, timeout=5)
     assert round_trip(pplex) == b"over TLS\n"
     assert worker.count() == 1
+    big = bytes(range(32, 127)) * 4000 + b"\n"   # 380 KB: many records, frames and flow-control windows
+    assert round_trip(pplex, big) == big
 
 
 def test_server_name_is_the_name_checked_and_a_wrong_one_is_refused(start_pplex, tls_worker, certs):
