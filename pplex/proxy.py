@@ -140,7 +140,7 @@ class Proxy:
             conn.set_events(READ)
         else:
             conn = arrival.client_class(self, sock, self.new_uuid(), peer, now)
-            arrival.hand_over(conn)   # its TLS engine and facts, PROXY facts; registers the socket
+            arrival.hand_over(conn)   # its TLS engine and facts, its PROXY header; registers the socket
         self.conns[conn.uuid] = conn
         self.stats.opened += 1
         if self.authenticate is not None:
