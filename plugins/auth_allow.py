@@ -1,8 +1,9 @@
 """Accept rules by client address: `allow` and `deny` lists of networks (IPv4 and IPv6).
 
-Checked once per connection, at accept (`pplex_accept`): a refused client is
-closed at once, counted (`connections_refused`) and logged; it never gets a
-UUID nor reaches a worker.
+Checked once per connection, before it opens (`pplex_accept`), on the
+client's address (behind a load balancer speaking the PROXY protocol, the one
+its header carries): a refused client is closed at once, counted
+(`connections_refused`) and logged; it never gets a UUID nor reaches a worker.
 
 - `deny` wins: an address in any `deny` network is refused.
 - When `allow` is non-empty, only addresses in an `allow` network are accepted;

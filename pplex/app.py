@@ -127,6 +127,11 @@ class App:
         Safe from any thread or a signal handler."""
         self.reactor.call_soon_threadsafe(self.proxy.begin_shutdown, self.stop)
 
+    def reload_tls(self):
+        """SIGHUP: the client certificate (server.tls) is read again for new connections, in the
+        reactor thread; logged either way. Safe from any thread or a signal handler."""
+        self.reactor.call_soon_threadsafe(self.proxy.front_door.reload_tls)
+
     def close(self):
         if self.discovery is not None:
             self.discovery.close()

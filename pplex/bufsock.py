@@ -15,8 +15,10 @@ and waitress's `outbuf_high_watermark` are the models):
 
 The owner (a subclass) implements the policy hooks below; reading is the
 owner's too (`recv_into_owner`), because a client and an HTTP/2 connection
-read differently. `abort()` ends the connection with a reset (RST) instead of
-a clean close: the way to say "data was lost" to the peer.
+read differently. `close_socket(reset=True)` ends the connection with a reset
+(RST) instead of a clean close: the way to say "data was lost" to the peer.
+`pplex.tlssock.TlsSocket` puts TLS between the socket and the owner (the
+`tls_*` hooks below are its); the plaintext classes never meet it.
 
 Every method runs on the reactor thread.
 """
@@ -64,6 +66,22 @@ class BufferedSocket:
 
     def buffered_changed(self, delta):
         """The buffer grew (delta > 0) or shrank (delta < 0) by delta bytes: for global accounting."""
+
+    # -- hooks of a TLS connection (pplex.tlssock), for owners that speak TLS ----------
+    def tls_established(self):
+        """The TLS handshake is done."""
+
+    def tls_received(self, data):
+        """Plaintext decrypted from what the peer sent."""
+
+    def tls_closed(self):
+        """The peer sent close_notify, or EOF after the handshake."""
+
+    def tls_failed(self, error):
+        """A `pplex.tls.TlsError` (one line) ended TLS: the connection is unusable."""
+
+    def read_failed(self, error):
+        """recv() raised an OSError (a reset): the connection is unusable."""
 
     # -- interest ---------------------------------------------------------------
     def set_events(self, events):
@@ -151,6 +169,19 @@ class BufferedSocket:
         return len(self.wbuf) if self.wbuf is not None else 0
 
     # -- ending -------------------------------------------------------------------
+    def send_last(self, data=b""):
+        """Before a close: what is buffered, then `data`, in one nonblocking send; the rest is dropped."""
+        buf = self.wbuf
+        if buf is not None:
+            self.wbuf = None
+            self.buffered_changed(-len(buf))
+            data = bytes(buf) + data
+        if data and not self.closed:
+            try:
+                self.sock.send(data)
+            except OSError:
+                pass
+
     def close_socket(self, reset=False):
         """Unregister and close; `reset`: send RST and drop what is buffered (data was lost)."""
         if self.closed:

@@ -165,7 +165,8 @@ def main(argv=None):
 
 
 def install_signal_handlers(app):
-    """SIGTERM or SIGINT: a graceful stop (see `App.begin_shutdown`); a second one stops at once."""
+    """SIGTERM or SIGINT: a graceful stop (see `App.begin_shutdown`); a second one stops at once.
+    SIGHUP: read server.tls's certificate again (`App.reload_tls`)."""
     received = []
 
     def on_signal(signum, frame):
@@ -178,6 +179,9 @@ def install_signal_handlers(app):
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: app.reload_tls())
+
+
 def run_check(args, config, token):
     from pplex.check import check
     effective = check(config, args.config or "config", token=token, resolve=args.resolve)

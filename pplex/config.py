@@ -15,7 +15,7 @@ import voluptuous as vol
 from pplex import limits, proxyproto
 from pplex.errors import ConfigError
 from pplex.logs import LOG_FORMATS
-from pplex.tls import validate_upstream_tls
+from pplex.tls import validate_server_tls, validate_upstream_tls
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
 
@@ -75,6 +75,8 @@ SERVER = {
     # PROXY protocol header before each client's bytes: off, v1, v2 or any; only from these networks
     vol.Optional("proxy_protocol", default="off"): proxyproto.mode,
     vol.Optional("proxy_protocol_from", default=list): proxyproto.cidr_list,
+    # TLS for clients: {cert_file, key_file, ca_file?, min_version?}; with ca_file a client certificate is required
+    vol.Optional("tls"): validate_server_tls,
     **limits.section_schema("server"),
 }
 

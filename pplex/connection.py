@@ -8,7 +8,10 @@ What the client does not read stays buffered in order, up to the limits the
 proxy sets on this class from the config (`client_buffer_*`).
 
 Memory per idle connection matters (tens of thousands of idle game clients),
-hence `__slots__` and buffers that exist only while they hold data.
+hence `__slots__` and buffers that exist only while they hold data. A client
+that came with a PROXY header or over TLS is an instance of a subclass made by
+`pplex.frontdoor` (with the slots `proxy_header`, and `tls`, `tls_facts`), so
+a plain client carries none of it: for it those names are the class's None.
 """
 from pplex import reasons
 from pplex.bufsock import BufferedSocket
@@ -25,6 +28,18 @@ class Connection(BufferedSocket):
         "waiting", "waiting_bytes", "last_upstream", "merge_batch", "merge_index",
         "idle_timer", "linger_timer", "behind_timer", "attrs", "__weakref__",
     )
+
+    # Set per instance by the front door's subclasses only (see the module docstring).
+    tls = None           # the pplex.tls.TlsEngine of a TLS client
+    tls_facts = None     # {"tls_version", "tls_cipher", "tls_sni"?, "tls_client_subject"?}
+    proxy_header = None  # the proxyproto.Header it came with
+
+    @property
+    def proxy_facts(self):
+        """The PROXY header's facts as CONNECTED metadata (`proxyproto.Header.metadata()`, a new
+        dict per call), or None without a header. Made when asked: it would cost each client ~700 B."""
+        header = self.proxy_header
+        return header.metadata() if header is not None else None
 
     def __init__(self, proxy, sock, uuid, peer, now):
         BufferedSocket.__init__(self, proxy.reactor, sock)
@@ -73,9 +88,29 @@ class Connection(BufferedSocket):
         else:
             self.proxy.client_eof(self)
 
+    def deliver(self, data):
+        """Bytes from the client that came another way than `on_readable` (TLS, the front door)."""
+        self.bytes_in += len(data)
+        try:
+            self.proxy.received(self, data)
+        except Exception:
+            self.proxy.failed(self, "handling its input")
+
     def resume_reading(self):
         if not self.eof:
             BufferedSocket.resume_reading(self)
+
+    # pplex.tlssock hooks (TLS clients only)
+    tls_received = deliver
+
+    def tls_closed(self):
+        self.proxy.client_eof(self)
+
+    def tls_failed(self, error):
+        self.proxy.close(self, reasons.PROTOCOL_ERROR, f"TLS: {error}")
+
+    def read_failed(self, error):
+        self.proxy.close(self, reasons.CLIENT_RESET, f"read error: {error.strerror or error}")
 
     # -- writing -------------------------------------------------------------
     def send(self, data):

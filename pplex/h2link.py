@@ -1,7 +1,9 @@
-"""The h2 transport: gRPC over HTTP/2 (h2c, prior knowledge) inside the reactor thread.
+"""The h2 transport: gRPC over HTTP/2 inside the reactor thread, h2c (prior knowledge) or TLS.
 
 One nonblocking TCP connection per worker, registered in pplex's own selector
-and driven by the `h2` state machine; no threads, no queues. Every
+and driven by the `h2` state machine; no threads, no queues. With the
+upstream's `tls` set, the connection runs TLS (`pplex.tlssock`, ALPN `h2`
+required, `:scheme https`; see `_TlsConnection`). Every
 `LinkEvents` call happens directly on the reactor thread, but never from
 inside a method the core called (`offer`, `probe_ready`, ...): those defer
 with `Reactor.call_soon`.
@@ -60,6 +62,8 @@ from pplex.grpcwire import (
     grpc_timeout, window_update)
 from pplex.logs import FAULTS
 from pplex.reactor import READ, WRITE
+from pplex.tls import TlsError, upstream_context
+from pplex.tlssock import TlsSocket
 from pplex.transport import CLEAN_END, Link, Transport
 
 log = logging.getLogger("pplex.h2link")
@@ -379,6 +383,7 @@ class _Connection(BufferedSocket):
 
     write_high = OUT_HIGH_WATER
     write_low = OUT_LOW_WATER
+    scheme = b"http"
 
     def __init__(self, link):
         BufferedSocket.__init__(self, link.reactor, None)
@@ -517,7 +522,7 @@ class _Connection(BufferedSocket):
     # -- streams -------------------------------------------------------------
     def open_call(self, call, path, extra=(), body=None, end_stream=False):
         sid = self.h2.get_next_available_stream_id()
-        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
+        headers = [(b":method", b"POST"), (b":scheme", self.scheme), (b":path", path),
                    (b":authority", self.link.authority), (b"content-type", b"application/grpc"),
                    (b"te", b"trailers"), (b"user-agent", USER_AGENT), *node.current.headers, *extra]
         self.h2.send_headers(sid, headers, end_stream=end_stream and body is None)
@@ -546,6 +551,10 @@ class _Connection(BufferedSocket):
 
     def idle(self):
         return not self.calls
+
+    def handshaking(self):
+        """True while a TLS handshake is under way (never for h2c)."""
+        return False
 
     # -- I/O -----------------------------------------------------------------
     def flush(self):
@@ -750,14 +759,70 @@ class _Connection(BufferedSocket):
         if self.connected:
             try:
                 self.h2.close_connection()
-                self.sock.send((bytes(self.wbuf) if self.wbuf else b"") + self.h2.data_to_send())
-            except (OSError, h2.exceptions.H2Error):
+                self.send_last(self.h2.data_to_send())
+            except h2.exceptions.H2Error:
                 pass
         self.link._connection_closed(self)
         if self.sock is None:
             self.closed = True
         else:
             self.close_socket()
+
+
+class _TlsConnection(TlsSocket, _Connection):
+    """One h2 connection over TLS (the upstream's `tls`): `:scheme https`, ALPN `h2` required.
+
+    The handshake starts once TCP connects; what h2 writes meanwhile waits in
+    the engine. Its deadline is the ready probe's, whose timer opened the
+    connection: a handshake still under way then is reported as such. A
+    certificate the worker's CA did not sign, a name it does not carry, a
+    worker that refuses pplex's certificate: the one line of `pplex.tls` ends
+    every call, so it becomes the upstream's `last_error`.
+    """
+
+    scheme = b"https"
+    tls_recv_bytes = RECV_BYTES
+    tls_reads_per_event = RECV_PER_EVENT
+
+    def __init__(self, link):
+        _Connection.__init__(self, link)
+        self.tls = None
+        self.tls_timer = None
+
+    def handshaking(self):
+        return self.connected and (self.tls is None or not self.tls.established)
+
+    def _connect_done(self):
+        if not _Connection._connect_done(self):
+            return False
+        self.start_tls(self.link.tls.engine())
+        return not self.closed
+
+    def on_readable(self):
+        if self.closed:
+            return
+        if not self.connected:
+            if not self._connect_done():
+                return
+            self.set_events(READ)
+        try:
+            TlsSocket.on_readable(self)
+        finally:
+            self.flush()  # window updates, ping and settings acks, what handlers wrote
+
+    # TlsSocket hooks
+    def tls_received(self, data):
+        self.received(data)
+
+    def tls_closed(self):
+        after = f" after {self.goaway}" if self.goaway else ""
+        self.fail(f"UNAVAILABLE: the worker closed the connection{after}")
+
+    def tls_failed(self, error):
+        self.fail(str(error))
+
+    def read_failed(self, error):
+        self.fail(f"UNAVAILABLE: connection to the worker broke: {error.strerror or error}")
 
 
 # -- the link ----------------------------------------------------------------------
@@ -774,7 +839,7 @@ class H2Transport(Transport):
 
     def connect(self, upstream, events):
         link = H2Link(self.reactor, upstream.host, upstream.port, events,
-                      max_message_bytes=upstream.max_message_bytes)
+                      max_message_bytes=upstream.max_message_bytes, tls=getattr(upstream, "tls", None))
         link.resolve = self.resolve
         return link
 
@@ -783,7 +848,9 @@ class H2Transport(Transport):
 
 
 class H2Link(Link):
-    def __init__(self, reactor, host, port, events, max_message_bytes=limits.MAX_MESSAGE_BYTES.default):
+    def __init__(self, reactor, host, port, events, max_message_bytes=limits.MAX_MESSAGE_BYTES.default,
+                 tls=None):
+        """`tls`: the upstream's setting (None: h2c; True or the dict of `pplex.tls.upstream_context`)."""
         self.reactor = reactor
         self.host = host
         self.port = port
@@ -801,6 +868,13 @@ class H2Link(Link):
         # Latest round trips in seconds, for metrics.
         self.ready_seconds = None
         self.live_seconds = None
+        self.tls = None            # pplex.tls.UpstreamTls
+        self.tls_error = None      # why it could not be built (a file gone since startup): every probe says it
+        if tls:
+            try:
+                self.tls = upstream_context(tls, host)
+            except TlsError as error:
+                self.tls_error = f"UNAVAILABLE: {error}"
 
     def _emit(self, handler, *args):
         if not self.closed:
@@ -814,7 +888,9 @@ class H2Link(Link):
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn, None
-        conn = _Connection(self)
+        if self.tls_error is not None:
+            return None, self.tls_error
+        conn = _Connection(self) if self.tls is None else _TlsConnection(self)
         detail = conn.start(budget)
         if detail is not None:
             return None, detail
@@ -851,7 +927,7 @@ class H2Link(Link):
         if call.finished:
             return
         conn = call.conn
-        state = "connecting" if not conn.connected else "connected"
+        state = "connecting" if not conn.connected else "TLS handshake" if conn.handshaking() else "connected"
         call.finish(f"DEADLINE_EXCEEDED: no ready answer within {call.timeout:g} s ({state})")
         # A worker that does not answer gets a fresh connection for the next probe.
         conn.reset(call)

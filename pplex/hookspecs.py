@@ -85,7 +85,10 @@ def pplex_framing():
 # -- auth --------------------------------------------------------------------
 @hookspec(firstresult=True)
 def pplex_accept(address):
-    """May a connection from `address` (host, port) open? Called once, at accept.
+    """May a connection from `address` (host, port) open? Called once, before it opens.
+
+    `address` is the client's: with the PROXY protocol, the one its header
+    carries. It runs after the front door's steps (PROXY header, TLS handshake).
 
     Return False to close it at once (its reason is logged), True to accept,
     None for no opinion. First non-None wins; with no opinion it is accepted.

@@ -150,6 +150,10 @@ PROXY_PROTOCOL_TIMEOUT = setting(
     "server", "proxy_protocol_timeout", 5, "s", 0, 300,
     "a client must send its whole PROXY header within this (the spec asks for at least 3 s, a TCP "
     "retransmit); past it, it is closed", low_open=True)
+TLS_HANDSHAKE_TIMEOUT = setting(
+    "server", "tls_handshake_timeout", 10, "s", 0, 300,
+    "with server.tls, a client must finish its TLS handshake within this; past it, it is closed "
+    "(a client that connects and says nothing must not hold its slot)", low_open=True)
 
 
 # -- upstream: each worker ---------------------------------------------------------------------
@@ -206,6 +210,11 @@ MERGE_LIMIT_BYTES = 256 * KiB
 UPSTREAM_BATCH_HIGH = 8 * MiB
 # Accepts per readiness event: new clients cannot starve old ones.
 ACCEPT_PER_EVENT = 64
+# Bytes a client may send before it is open (its PROXY header and its side of the TLS handshake,
+# client certificates included): a client that has not finished arriving holds little.
+FRONT_DOOR_MAX_BYTES = 64 * KiB
+# Bytes read per recv() from a client that is still arriving.
+FRONT_DOOR_RECV_BYTES = 16 * KiB
 # After EMFILE and friends, accepting resumes after this pause (logged once per episode).
 ACCEPT_RETRY_SECONDS = 0.25
 # Calls handed over from other threads run at most this many per reactor pass; the rest wait

@@ -6,7 +6,8 @@ socket, so an accept costs no extra system call), the accept loop (bounded
 per readiness event), the `max_connections` limit, and what happens when
 the process runs out of file descriptors: accepting pauses and resumes by
 itself, logged once per episode, never a busy loop. Each accepted socket is
-handed to `on_accept(sock, peer)`; what becomes of it is the proxy's business.
+handed to `on_accept(sock, peer)`: the front door's (`pplex.frontdoor`, PROXY
+header and TLS), or the proxy's when there is nothing to do before it opens.
 """
 import logging
 import socket

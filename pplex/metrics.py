@@ -65,6 +65,12 @@ class _ProxyCollector:
         for reason, count in sorted(snap["drops"].items()):
             drops.add_metric([reason], count)
         yield drops
+        door = CounterMetricFamily("pplex_front_door_failures",
+                                   "Clients closed before they were open (PROXY header, TLS handshake), by kind.",
+                                   labels=["kind"])
+        for kind, count in sorted(snap["front_door"].items()):
+            door.add_metric([kind], count)
+        yield door
         state = GaugeMetricFamily("pplex_upstream_state", "1 for the state each upstream is in.",
                                   labels=["upstream", "address", "state"])
         routed = CounterMetricFamily("pplex_upstream_messages_routed", "Messages routed to each upstream.",

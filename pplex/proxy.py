@@ -26,6 +26,7 @@ import random
 from pplex import limits, node, reasons
 from pplex.connection import Connection, format_peer
 from pplex.errors import FrameError
+from pplex.frontdoor import FrontDoor
 from pplex.listener import Listener
 from pplex.reactor import READ
 from pplex.logs import FAULTS, RateLimited
@@ -77,10 +78,13 @@ class Proxy:
             "__slots__": (), "write_high": server["client_buffer_high"],
             "write_low": min(server["client_buffer_low"], server["client_buffer_high"]),
             "write_limit": server["client_buffer_limit"]})
+        # Between accept and open: PROXY header, TLS handshake (nothing when neither is set).
+        self.front_door = FrontDoor(reactor, server, self.client_class, self._open, self.stats)
         self.listener = Listener(
-            reactor, self._open, server["max_connections"], self.conns.__len__,
+            reactor, self.front_door.on_accept, server["max_connections"], self.front_door.counter(self.conns),
             keepalive=(server["tcp_keepalive_idle"], server["tcp_keepalive_interval"],
                        server["tcp_keepalive_count"]))
+        self.front_door.listener = self.listener
         self.new_uuid = node.current.uuid_maker()  # UUIDv4 whose first 8 hex digits name this node
         self.cluster = None  # pplex.cluster.Cluster when cluster.broker is set (App sets it)
 
@@ -114,7 +118,9 @@ class Proxy:
     def accepting(self):
         return self.listener.accepting
 
-    def _open(self, sock, peer):
+    def _open(self, sock, peer, arrival=None):
+        """Open a client; `arrival`: what the front door learnt of it (PROXY header, TLS), or None.
+        Returns the connection, or None when the accept rules refused it."""
         if self.accept_hook is not None:
             try:
                 allowed = self.accept_hook(peer[:2])
@@ -126,12 +132,16 @@ class Proxy:
                 if self._verbose:
                     log.info("refused %s: not allowed by the accept rules", format_peer(peer))
                 sock.close()
-                return
+                return None
         sock.setblocking(False)
         now = self.reactor.clock()
-        conn = self.client_class(self, sock, self.new_uuid(), peer, now)
+        if arrival is None:
+            conn = self.client_class(self, sock, self.new_uuid(), peer, now)
+            conn.set_events(READ)
+        else:
+            conn = arrival.client_class(self, sock, self.new_uuid(), peer, now)
+            arrival.hand_over(conn)   # its TLS engine and facts, its PROXY header; registers the socket
         self.conns[conn.uuid] = conn
-        conn.set_events(READ)
         self.stats.opened += 1
         if self.authenticate is not None:
             conn.authenticated = False
@@ -141,6 +151,9 @@ class Proxy:
             log.info("open %s from %s", conn.uuid, format_peer(peer), extra={"uuid": conn.uuid})
         if self.notify_opened is not None:
             self.notify_opened(conn)
+        if arrival is not None:
+            arrival.deliver(conn)     # what the client sent with its last bytes at the front door
+        return conn
 
     # -- client to worker ----------------------------------------------------
     def received(self, conn, data):
@@ -567,6 +580,7 @@ class Proxy:
         self.shutting_down = True
         self._on_shutdown_done = on_done
         self.listener.close()
+        self.front_door.close_all()
         conns = list(self.conns.values())
         log.info("shutting down: not accepting; closing %d client(s) over %g s (then at most %g s "
                  "more for what is in flight)", len(conns), self.shutdown_spread, self.shutdown_grace)
@@ -597,6 +611,7 @@ class Proxy:
     def shutdown(self):
         """Close everything now (the second SIGTERM, or after a graceful shutdown)."""
         self.listener.close()
+        self.front_door.close_all()
         self._on_shutdown_done = None
         for conn in list(self.conns.values()):
             if conn.out:
@@ -613,4 +628,5 @@ class Proxy:
             "worker": conn.last_upstream.id if conn.last_upstream is not None else None,
             "age": round(now - conn.opened, 3),
             "active": conn.is_active(now, self.active_window),
+            "tls_version": conn.tls_facts["tls_version"] if conn.tls_facts else None,
         }

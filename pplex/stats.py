@@ -26,6 +26,7 @@ class Stats:
         self.backpressure_episodes = 0
         self.drops = {}
         self.closes = {}   # reason code -> connections closed for it
+        self.front_door = {}   # kind (pplex.frontdoor) -> clients closed before they were open
         self._unknown_logged_at = 0.0
         self._unknown_since_log = 0
 
@@ -63,7 +64,7 @@ class Stats:
             "batches": self.batches, "broadcasts": self.broadcasts, "rerouted": self.rerouted,
             "redelivered": self.redelivered, "unconfirmed": self.unconfirmed,
             "backpressure_episodes": self.backpressure_episodes,
-            "drops": dict(self.drops), "closes": dict(self.closes),
+            "drops": dict(self.drops), "closes": dict(self.closes), "front_door": dict(self.front_door),
             "uptime_seconds": round(time.time() - self.started, 3),
         }
         if extra:

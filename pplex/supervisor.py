@@ -25,6 +25,7 @@ over on the child's stdin, never in its environment or arguments) and supervises
   see end of file and stop.
 - **Stop.** SIGTERM or SIGINT: every child gets SIGTERM and stops gracefully (shutdown_spread, then
   shutdown_grace); a second signal stops them at once; SIGKILL 10 s after their own deadline.
+  SIGHUP is passed on to every child (each reloads its TLS certificate).
 """
 import json
 import logging
@@ -166,6 +167,7 @@ class Supervisor:
         host, port = self.reserve_port()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._forward_hup)
         try:
             for child in self.children:
                 self.spawn(child)
@@ -195,6 +197,15 @@ class Supervisor:
                     except ProcessLookupError:
                         pass
         self.stopping = True
+
+    def _forward_hup(self, *_):
+        """SIGHUP: each child reloads its TLS certificate."""
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                try:
+                    child.proc.send_signal(signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
 
     def _supervise(self):
         while not self.stopping:

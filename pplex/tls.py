@@ -82,9 +82,13 @@ def _words(reason):
     return reason.replace("_", " ").lower()
 
 
+class TlsTimeout(TlsError):
+    """The handshake did not end within its deadline."""
+
+
 def handshake_timed_out(seconds):
     """The error an owner reports when its handshake deadline passes."""
-    return TlsError(f"handshake timed out after {seconds:g} s")
+    return TlsTimeout(f"handshake timed out after {seconds:g} s")
 
 
 class TlsEngine:

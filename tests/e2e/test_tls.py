@@ -1,20 +1,18 @@
 """TLS and mTLS to workers, end to end: a real pplex process and real Python grpcio workers serving TLS.
 
 Certificates are made per test (tests/tlsutil.py). Every test runs on both
-transports; on h2 they are expected to fail until the in-reactor TLS engine
-(pplex/tls.py) is wired into the h2 transport (strict: they turn on, and must
-then pass, when it is).
+transports: grpcio's own TLS, and the in-reactor engine on h2 (pplex/tlssock.py).
 """
+import socket
+
 import grpc
 import pytest
 
-from tests.helpers import RecordingWorker, wait_for
+from tests.helpers import TRANSPORTS, RecordingWorker, wait_for
 from tests.tlsutil import make_certs
 
-H2_TLS_PENDING = pytest.mark.xfail(strict=True, reason="h2 TLS lands in phase 2")
 
-
-@pytest.fixture(params=["grpcio", pytest.param("h2", marks=H2_TLS_PENDING)])
+@pytest.fixture(params=TRANSPORTS)
 def transport(request):
     return request.param
 
@@ -74,6 +72,8 @@ def test_round_trip_with_the_right_ca(start_pplex, tls_worker, certs):
     pplex.wait_ready_upstreams(1, timeout=5)
     assert round_trip(pplex) == b"over TLS\n"
     assert worker.count() == 1
+    big = bytes(range(32, 127)) * 4000 + b"\n"   # 380 KB: many records, frames and flow-control windows
+    assert round_trip(pplex, big) == big
 
 
 def test_server_name_is_the_name_checked_and_a_wrong_one_is_refused(start_pplex, tls_worker, certs):
@@ -137,3 +137,16 @@ def test_admin_api_adds_a_tls_upstream_and_names_a_bad_file(start_pplex, tls_wor
     assert status == 201 and body["tls"] == {"ca_file": certs.ca}
     pplex.wait_ready_upstreams(1, timeout=5)
     assert round_trip(pplex) == b"over TLS\n"
+
+
+def test_a_worker_that_never_answers_the_handshake_stays_out_within_the_ready_deadline(start_pplex, transport):
+    with socket.socket() as silent:   # connects complete (the kernel's accept queue); nothing is ever said
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        pplex = start_pplex(config={"upstream": [{"host": "127.0.0.1", "port": silent.getsockname()[1],
+                                                  "ready_timeout": 0.5, "tls": True}]})
+        error = settled_error(pplex)
+        if transport == "h2":
+            assert error == "DEADLINE_EXCEEDED: no ready answer within 0.5 s (TLS handshake)"
+        else:   # grpcio's own words: its handshake gave up when the call's deadline closed the endpoint
+            assert "Handshake" in error
