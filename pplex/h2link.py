@@ -394,6 +394,7 @@ class _Connection(BufferedSocket):
         self.attempt_seconds = None  # deadline of one address's attempt while others wait
         self.attempt_timer = None
         self.connected = False
+        self.flush_pending = False  # a flush_now is due at the end of this pass
         self.calls = {}            # stream id -> _Call
         self.scanner = FrameScanner()
         # DATA bytes that bypassed h2, not yet given back by WINDOW_UPDATE: the connection's
@@ -558,7 +559,16 @@ class _Connection(BufferedSocket):
 
     # -- I/O -----------------------------------------------------------------
     def flush(self):
-        """Move what h2 wants to send into the socket; never reports events (it may run in offer)."""
+        """Write what h2 wants to send, once, at the end of this reactor pass: a pass that reads the
+        worker's replies (window updates, acks) and offers it a batch costs one send(), not two.
+        Never reports events (it may run in offer)."""
+        if not self.flush_pending and not self.closed:
+            self.flush_pending = True
+            self.reactor.call_at_pass_end(self.flush_now)
+
+    def flush_now(self):
+        """Move what h2 wants to send into the socket now."""
+        self.flush_pending = False
         if self.closed or not self.connected:
             return
         data = self.h2.data_to_send()
@@ -692,7 +702,7 @@ class _Connection(BufferedSocket):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as error:
-            self.flush()  # h2 queued a GOAWAY naming the error
+            self.flush_now()  # h2 queued a GOAWAY naming the error: it goes before the close
             self.fail(f"INTERNAL: HTTP/2 protocol error from the worker: {error}")
             return True
         DataReceived = h2.events.DataReceived

@@ -72,6 +72,7 @@ class Reactor:
         self._soon = collections.deque()
         self._threadsafe = collections.deque()
         self._pass_end = []
+        self._last = []          # calls for the very end of this pass only (call_at_pass_end)
         self._running = False
         self._thread_id = None
         # The wake-up pair: another thread writes one byte, the loop wakes.
@@ -129,6 +130,11 @@ class Reactor:
         """Call fn() after every pass, once the pass's events and calls ran."""
         self._pass_end.append(fn)
 
+    def call_at_pass_end(self, fn, *args):
+        """Call fn(*args) once, at the end of this pass, after every `add_pass_end` callback
+        (loop thread only): how a socket writes once per pass what the pass produced for it."""
+        self._last.append((fn, args))
+
     def in_loop_thread(self):
         return threading.get_ident() == self._thread_id
 
@@ -156,7 +162,7 @@ class Reactor:
         try:
             while self._running:
                 timeout = MAX_SELECT_SECONDS
-                if self._soon or self._threadsafe_left:
+                if self._soon or self._threadsafe_left or self._last:
                     timeout = 0
                 elif self._timers:
                     timers = self._timers
@@ -186,6 +192,13 @@ class Reactor:
                         fn()
                     except Exception:
                         self._report(fn, "end of pass")
+                if self._last:
+                    last, self._last = self._last, []
+                    for fn, args in last:
+                        try:
+                            fn(*args)
+                        except Exception:
+                            self._report(fn, "end of pass")
         finally:
             self._running = False
 
