@@ -104,6 +104,9 @@ def parse_args(argv):
     g.add_argument("--stop-every", type=_positive(float), default=60.0,
                    help="seconds between SIGSTOPs of the second worker (default 60; the first at half of it, "
                         "or at a quarter of a shorter run)")
+    g.add_argument("--soak-drain", type=_positive(float), default=5.0,
+                   help="after the last send, the clients wait for echoes until none came for this long "
+                        "(default 5)")
     g = ap.add_argument_group("fuzz")
     g.add_argument("--fuzz-frames", type=_positive(int), default=100_000,
                    help="fuzzed frames per framing plugin and transport (default 100000)")

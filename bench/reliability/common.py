@@ -43,6 +43,7 @@ class Section:
         self.title = title
         self.figures = []
         self.notes = []
+        self.tables = []   # preformatted lines, printed after the figures
         self.data = {}
         self.error = None
 
@@ -53,12 +54,12 @@ class Section:
     def note(self, text):
         self.notes.append(text)
 
-    def verdicts(self):
-        return [f["pass"] for f in self.figures if f["pass"] is not None]
+    def table(self, lines):
+        self.tables.append(list(lines))
 
     def to_json(self):
         return {"section": self.name, "title": self.title, "figures": self.figures, "notes": self.notes,
-                "error": self.error, "data": self.data}
+                "tables": self.tables, "error": self.error, "data": self.data}
 
 
 # ---------------------------------------------------------------------------
@@ -232,10 +233,6 @@ def admin_text(admin, path, timeout=5.0):
     if status != 200:
         raise OSError("GET %s answered %s" % (path, status or "nothing"))
     return body.decode("utf-8", "replace")
-
-
-def counter_delta(before, after, key):
-    return after.get(key, 0) - before.get(key, 0)
 
 
 def dict_delta(before, after):

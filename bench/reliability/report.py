@@ -17,6 +17,8 @@ def render_section(section):
         goal = ("goal " + fig["goal"]) if fig["goal"] is not None else ""
         lines.append(("  %-*s %*s   %-*s %s" % (LABEL_WIDTH, fig["label"], VALUE_WIDTH, fig["text"], GOAL_WIDTH, goal,
                                                verdict(fig["pass"]))).rstrip())
+    for table in section.tables:
+        lines.extend("  " + line for line in table)
     for note in section.notes:
         lines.append("  - " + note)
     return lines

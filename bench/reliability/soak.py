@@ -112,7 +112,8 @@ def run_mode(ctx, transport, label, redeliver):
     errors_before = pplex.errors_total()
     clients = ctx.ps.start("soak-clients", [
         sys.executable, "-m", "bench.reliability.clients", "soak", "--addr", "%s:%d" % pplex.addr,
-        "--clients", str(args.soak_clients), "--rate", str(args.soak_rate), "--seconds", str(args.soak_seconds)],
+        "--clients", str(args.soak_clients), "--rate", str(args.soak_rate), "--seconds", str(args.soak_seconds),
+        "--drain", str(args.soak_drain)],
         cwd=targets.REPO, env=targets.python_env())
     t0 = wait_event(clients, "sending", 90)["t"]
     ctx.progress("soak %s %s: %d clients sending for %g s; %d kills, %d stops" % (

@@ -73,7 +73,7 @@ def run(ctx, transport):
     sec.figure("after they left: /healthz, pplex alive, exceptions",
                "%s, %s, %d" % (admin["healthz_after_close"] or "no answer", "yes" if alive else "NO", faults),
                faults, "200, yes, 0", healthy_after and alive and faults == 0)
-    sec.note("RSS (MB) by second: " + ", ".join("%.0fs %.1f" % (t, rss / MB) for t, rss in thin(samples, 31)))
+    sec.table(rss_table(thin(samples, 40), args.sample_every))
     if first_fault:
         sec.note("first exception line: " + first_fault)
     cpu = load.get("cpu") or {}
@@ -81,6 +81,17 @@ def run(ctx, transport):
         sec.note("CPU %% of a core: pplex %s, worker %s, generator %s, other %s" % (
             cpu.get("pplex"), cpu.get("worker"), cpu.get("generator"), cpu.get("other")))
     return sec
+
+
+def rss_table(samples, every, per_row=10):
+    """pplex's RSS samples as rows of `per_row` columns: seconds from the start, then MB."""
+    lines = ["pplex RSS (MB), sampled every %g s from the start of the load:" % every]
+    when = "%7.0f" if every >= 1 else "%7.1f"
+    for i in range(0, len(samples), per_row):
+        row = samples[i:i + per_row]
+        lines.append("  t (s) " + "".join(when % t for t, _ in row))
+        lines.append("     MB " + "".join("%7.1f" % (rss / MB) for _, rss in row))
+    return lines
 
 
 def thin(samples, most):
