@@ -140,13 +140,22 @@ class Pplex:
         return self.proc.pid
 
     def get(self, path, timeout=5.0):
-        return admin_get(self.admin, path, timeout)[1]
+        try:
+            return admin_get(self.admin, path, timeout)[1]
+        except OSError:
+            if not self.proc.alive():
+                self.proc.popen.wait(timeout=5)
+                raise StartError("pplex exited (status %s): %s" % (self.proc.popen.returncode,
+                                                                   self.proc.last_error_line()))
+            raise
 
     def stats(self):
         return self.get("/stats")
 
     def errors_total(self):
         """Sum of pplex_errors_total{where} (errors contained at a fault boundary) from /metrics."""
+        if not self.proc.alive():
+            return 0
         text = admin_text(self.admin, "/metrics")
         total = 0.0
         for line in text.splitlines():
@@ -277,6 +286,14 @@ class RssSampler:
         if not self.samples or time.monotonic() - self.t0 - self.samples[-1][0] > self.interval / 2:
             self._sample()
         return self
+
+
+def thin(samples, most):
+    """At most `most` samples, evenly spread, the first and the last always kept."""
+    if len(samples) <= most:
+        return samples
+    step = (len(samples) - 1) / (most - 1)
+    return [samples[round(i * step)] for i in range(most)]
 
 
 FAULT_LINE = re.compile(r"Traceback \(most recent call last\)|contained error in |CRITICAL|uncaught")

@@ -268,13 +268,13 @@ class Fuzzer:
                     del active[i]
             for key, _ in self.sel.select(0 if writing else 0.02):
                 conn = key.data
-                self._readable(conn, index)
+                self._readable(conn)
         # Bystanders stop once their last echo is back (closing with one unread would be a reset).
         self.stopping = True
         deadline = time.monotonic() + SESSION_TIMEOUT
         while any(c.sock is not None for c in bystanders) and time.monotonic() < deadline:
             for key, _ in self.sel.select(0.05):
-                self._readable(key.data, index)
+                self._readable(key.data)
         for conn in bystanders:
             if conn.sock is not None:
                 self.bystanders_lost += 1
@@ -324,7 +324,7 @@ class Fuzzer:
         conn.pending = conn.pending[sent:]
         return bool(conn.pending) or conn.next < len(conn.writes)
 
-    def _readable(self, conn, index):
+    def _readable(self, conn):
         if conn.sock is None:
             return
         try:

@@ -26,7 +26,7 @@ from pplex import limits
 
 from bench import procs, targets
 from bench.reliability.common import MB, RssSampler, Section, fmt_mb, fmt_ms, last_json, log_faults, log_lines, \
-    start_pplex, start_push_worker, wait_event
+    start_pplex, start_push_worker, thin, wait_event
 
 CHUNK = 256 * 1024
 PINGER_SIZE = 32
@@ -152,6 +152,7 @@ def run(ctx, transport):
     if first_fault:
         sec.note("first exception line: " + first_fault)
     sec.data = {"pushed_bytes": pushed_total, "rss_before": rss_before, "rss_peak": sampler.peak,
+                "rss_samples": [(round(t, 2), rss) for t, rss in thin(sampler.samples, 200)],
                 "push_start": push_start, "push_end": push_end,
                 "evicted_at": watch.closed_at, "pingers": result, "closes": stats["closes"],
                 "drops": stats["drops"], "rss_goal": RSS_GOAL, "p99_goal_ms": goal_ms}

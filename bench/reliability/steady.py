@@ -15,7 +15,7 @@ import time
 
 from bench import procs, runner
 from bench.reliability.common import MB, RssSampler, Section, admin_request, fmt_int, fmt_mb, fmt_ms, log_faults, \
-    start_go_echo, start_pplex
+    start_go_echo, start_pplex, thin
 
 RSS_GROWTH_GOAL = 10 * MB
 ADMIN_PATHS = ("/healthz", "/stats", "/connections?limit=100")
@@ -92,14 +92,6 @@ def rss_table(samples, every, per_row=10):
         lines.append("  t (s) " + "".join(when % t for t, _ in row))
         lines.append("     MB " + "".join("%7.1f" % (rss / MB) for _, rss in row))
     return lines
-
-
-def thin(samples, most):
-    """At most `most` samples, evenly spread, the first and the last always kept."""
-    if len(samples) <= most:
-        return samples
-    step = (len(samples) - 1) / (most - 1)
-    return [samples[round(i * step)] for i in range(most)]
 
 
 def admin_with_clients(pplex, count):
