@@ -71,3 +71,46 @@ def test_cluster_bench_prints_every_figure(tmp_path):
     assert [row["processes"] for row in report["processes"]] == [1, 2]
     assert all(row["rt_per_s"] > 0 for row in report["processes"])
     assert "relayed broadcasts/s" in done.stdout and "2 / 1 processes" in done.stdout
+
+
+def test_reliability_bench_runs_every_section_on_both_transports_and_prints_goals(tmp_path):
+    """`python -m bench.reliability` with durations of seconds: every section, its figures and goals.
+
+    Only goals that are behaviour rather than timing are asserted here (timing
+    figures on a shared box are noise at these sizes): the never-reading client
+    is evicted as a slow consumer, the fuzzed frames crash nothing and pplex
+    refuses exactly what the plugins refuse, and the admin API answers.
+    """
+    results = tmp_path / "reliability.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.reliability", "--slow-bytes", "32M", "--slow-clients", "5",
+         "--slow-baseline", "0.5", "--soak-seconds", "2", "--soak-clients", "20", "--soak-rate", "20",
+         "--kill-every", "0.7", "--stop-seconds", "0.5", "--soak-drain", "1", "--fuzz-frames", "1000",
+         "--steady-seconds", "1.5", "--sample-every", "0.5", "--steady-clients", "5", "--pipeline", "4",
+         "--admin-clients", "200", "--json", str(results)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(results.read_text())
+    assert list(report["transports"]) == ["grpcio", "h2"]
+    for transport, sections in report["transports"].items():
+        assert [s["section"] for s in sections] == ["slow", "soak", "soak", "fuzz", "fuzz", "steady"], sections
+        assert all(s["error"] is None for s in sections), [s["error"] for s in sections]
+        assert f"== pplex reliability, {transport} transport ==" in done.stdout
+        by_label = {(s["title"].split(":")[0], f["label"]): f for s in sections for f in s["figures"]}
+        assert by_label[("slow consumer", "closed as slow_consumer (/stats closes, log lines)")]["pass"]
+        assert by_label[("slow consumer", "eviction (first push -> reset seen by the client)")]["pass"]
+        for plugin in ("framing_len", "framing_line"):
+            fuzzed = [f for (title, _), f in by_label.items() if title == f"fuzz {plugin}"]
+            assert len(fuzzed) == 6 and all(f["pass"] is not False for f in fuzzed), fuzzed
+        soaks = [s for s in sections if s["section"] == "soak"]
+        assert [s["data"]["mode"] for s in soaks] == ["at-most-once", "redeliver_unconfirmed"]
+        assert all(s["data"]["kills"] >= 2 and s["data"]["stops"] == 1 for s in soaks), soaks
+        assert all(s["data"]["clients"]["sent"] == 20 * 20 * 2 for s in soaks)
+        steady = sections[-1]
+        assert len(steady["data"]["rss_samples"]) >= 3 and steady["data"]["load"]["rt_per_s"] > 0
+        assert all(f["pass"] for f in steady["figures"] if f["label"].startswith("GET "))
+    # Every figure with a goal prints it with its verdict; the last line sums them up.
+    goal_lines = [line for line in done.stdout.splitlines() if "   goal " in line]
+    assert goal_lines and all(line.rstrip().endswith(("PASS", "FAIL")) for line in goal_lines)
+    assert done.stdout.rstrip().splitlines()[-1].startswith("SUMMARY  ")
+    assert report["summary"]["passed"] + report["summary"]["failed"] == len(goal_lines)
