@@ -253,6 +253,7 @@ port = 0
         client = Client(port)
         client.send(b"from toml\n")
         assert client.recv_line() == b"from toml"
+        client.close()  # no client left: the graceful stop below has nothing to spread
     finally:
         proc.terminate()
         proc.wait(10)
