@@ -253,10 +253,14 @@ port = 0
         client = Client(port)
         client.send(b"from toml\n")
         assert client.recv_line() == b"from toml"
-        client.close()  # no client left: the graceful stop below has nothing to spread
+        client.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.terminate()  # a graceful stop; a second SIGTERM makes it immediate
+        try:
+            proc.wait(1)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(10)
 
 
 def test_a_plugin_error_closes_only_that_client(start_pplex, start_worker, tmp_path):
