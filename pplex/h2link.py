@@ -40,6 +40,7 @@ open streams go on (as with grpcio) while new calls get a new connection; a
 GOAWAY with an error code ends every stream with its code and debug text.
 """
 import bisect
+import collections
 import errno
 import logging
 import os
@@ -178,8 +179,15 @@ class _ReadyCall(_Call):
 
 
 class _DataCall(_Call):
+    """The data stream. Which messages the worker has read is known from its flow control: gRPC
+    servers give a stream's window back as their handler reads the stream (grpc-go does it in the
+    handler's Recv, gRPC C-core as the application pulls), so the bytes the worker acknowledged are
+    `window - initial window + bytes sent`. A message ending within them was read; one past them is
+    unconfirmed if the stream breaks (and re-sent with `keep_unconfirmed`). Replies prove less: a
+    worker with a backlog answers message k while k+1.. still wait unread in its buffers."""
+
     __slots__ = ("batch", "wire", "ends", "sent", "started_msgs", "written", "written_at_answer",
-                 "want_drain", "closing", "confirmed", "kept", "kept_bytes", "held")
+                 "want_drain", "closing", "half_closed", "ended_ok", "base", "inflight", "acked", "held")
 
     def __init__(self, link):
         super().__init__(link)
@@ -189,13 +197,16 @@ class _DataCall(_Call):
         self.sent = 0           # bytes of wire handed to h2
         self.started_msgs = 0   # messages of batch with at least one byte handed to h2
         self.written = 0        # messages handed to h2, over the stream's life
-        self.written_at_answer = 0
+        self.written_at_answer = 0  # `written` when the worker's latest message came (balancing)
         self.want_drain = False
         self.closing = False    # close_send asked: END_STREAM once the batch is written
-        self.confirmed = 0      # messages of batch written before the worker's latest message
-        # keep_unconfirmed: the messages written since the worker's latest message (flat batches)
-        self.kept = [] if link.keep_unconfirmed else None
-        self.kept_bytes = 0
+        self.half_closed = False  # END_STREAM sent: no more from us
+        self.ended_ok = False   # the worker ended the call with status OK
+        self.base = 0           # stream offset of the batch's first byte (bytes of the batches before)
+        # Batches written in full and not yet acknowledged in full: (stream offset of their first
+        # byte, their message ends, the batch itself when keep_unconfirmed else None).
+        self.inflight = collections.deque()
+        self.acked = 0          # the latest acknowledged(): kept, since a dead connection can no longer say
         self.held = None        # DATA received while replies are paused, in order (runs of payloads)
 
     def data(self, payloads):
@@ -231,12 +242,7 @@ class _DataCall(_Call):
         link = self.link
         if link.closed:
             return
-        # Streams keep order: what was written before this answer was read by the worker.
         self.written_at_answer = self.written
-        self.confirmed = self.started_msgs
-        if self.kept:
-            self.kept = []
-            self.kept_bytes = 0
         events = link.events
         parse = upstream_pb2.OutputStreamRequest.FromString
         for raw in messages:
@@ -264,6 +270,7 @@ class _DataCall(_Call):
         if self.finished:
             return
         self.finished = True
+        self.ended_ok = detail is None
         if not self.stopped:
             self.link._emit(self.link.events.on_stream_closed,
                             CLEAN_END if detail is None else detail)
@@ -278,6 +285,7 @@ class _DataCall(_Call):
             self.closing = False
             try:
                 self.conn.h2.end_stream(self.stream_id)
+                self.half_closed = True
             except h2.exceptions.H2Error as error:
                 log.debug("cannot half-close stream %s: %s", self.stream_id, error)
 
@@ -302,36 +310,60 @@ class _DataCall(_Call):
         self.written += started - self.started_msgs
         self.started_msgs = started
         if sent >= total:
-            if self.kept is not None and self.confirmed < started:
-                self._keep(self.batch[3 * self.confirmed:], total)
+            inflight = self.inflight
+            inflight.append((self.base, self.ends, self.batch if self.link.keep_unconfirmed else None))
+            self.base += total
             self.batch = self.ends = None
             self.wire = b""
-            self.sent = self.started_msgs = self.confirmed = 0
+            self.sent = self.started_msgs = 0
+            # Forget what the worker has read; keep at most REDELIVER_KEEP_BYTES of the rest.
+            acked = self.acknowledged()
+            self.acked = acked
+            while inflight and (inflight[0][0] + inflight[0][1][-1] <= acked
+                                or self.base - inflight[0][0] > limits.REDELIVER_KEEP_BYTES):
+                inflight.popleft()
 
-    def _keep(self, batch, size):
-        """Keep written, unconfirmed messages for a resend; past the cap the oldest are let go."""
-        self.kept.append(batch)
-        self.kept_bytes += size
-        while self.kept_bytes > limits.REDELIVER_KEEP_BYTES and len(self.kept) > 1:
-            dropped = self.kept.pop(0)
-            self.kept_bytes -= sum(len(p) for p in dropped[1::3])
+    def acknowledged(self):
+        """Stream bytes the worker has read: the window it gave back (h2 tracks our send window)."""
+        conn = self.conn
+        stream = conn.h2.streams.get(self.stream_id) if conn is not None and not conn.closed else None
+        if stream is None:
+            return self.acked   # the stream is gone on the h2 side: what it said last
+        acked = stream.outbound_flow_control_window - conn.h2.remote_settings.initial_window_size
+        return max(self.acked, acked + self.base + self.sent)
+
+    def window_updated(self):
+        """The worker gave window back (or changed its settings): it has read more."""
+        self.acked = self.acknowledged()
 
     def take_back(self):
-        """(unsent, resend): the waiting batch's messages not one byte of which was written, and the
-        written-but-unconfirmed ones kept for a resend (empty unless keep_unconfirmed)."""
+        """(unsent, unconfirmed, resend): the waiting batch's messages not one byte of which was
+        written; how many written ones the worker did not acknowledge reading; and, with
+        keep_unconfirmed, those messages themselves (a flat batch, oldest first)."""
+        # A worker that ended the call with OK after reading our end of stream read everything.
+        acked = 1 << 62 if self.half_closed and self.ended_ok else self.acknowledged()
+        keep = self.link.keep_unconfirmed
+        unconfirmed = 0
         resend = []
-        if self.kept:
-            for batch in self.kept:
-                resend += batch
-            self.kept = []
-        if self.batch is None:
-            return [], resend
-        if self.kept is not None:
-            resend += self.batch[3 * self.confirmed:3 * self.started_msgs]
-        unsent = self.batch[3 * self.started_msgs:]
-        self.batch = self.ends = None
-        self.wire = b""
-        return unsent, resend
+        for base, ends, batch in self.inflight:
+            first = bisect.bisect_right(ends, acked - base)  # ends[i] <= acked - base: read
+            count = len(ends) - first
+            if batch is not None:
+                resend += batch[3 * first:]
+            else:
+                unconfirmed += count
+        self.inflight.clear()
+        unsent = []
+        if self.batch is not None:
+            first = min(bisect.bisect_right(self.ends, acked - self.base), self.started_msgs)
+            if keep:
+                resend += self.batch[3 * first:3 * self.started_msgs]
+            else:
+                unconfirmed += self.started_msgs - first
+            unsent = self.batch[3 * self.started_msgs:]
+            self.batch = self.ends = None
+            self.wire = b""
+        return unsent, unconfirmed, resend
 
     def waiting(self):
         if self.batch is None:
@@ -988,8 +1020,10 @@ class H2Link(Link):
 
     def _window_opened(self, conn):
         call = self._data
-        if call is not None and call.conn is conn and (call.batch is not None or call.closing):
-            call.push()
+        if call is not None and call.conn is conn:
+            call.window_updated()
+            if call.batch is not None or call.closing:
+                call.push()
         self._maybe_drained(conn)
 
     def _writable_again(self, conn):
@@ -1053,8 +1087,7 @@ class H2Link(Link):
         if call is None:
             return [], 0, []
         call.stopped = True
-        unsent, resend = call.take_back()
-        unconfirmed = max(0, call.written - call.written_at_answer - len(resend) // 3)
+        unsent, unconfirmed, resend = call.take_back()
         conn = call.conn
         if conn is not None and not conn.closed:
             conn.reset(call)
