@@ -80,7 +80,7 @@ def _row_list(text):
     return rows
 
 
-TRANSPORTS = ("grpcio", "h2")
+TRANSPORTS = ("h2", "grpcio")  # the default first: its row is the headline
 
 
 def _default_transports():

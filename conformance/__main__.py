@@ -29,8 +29,8 @@ def build_parser():
                              "when --upstream-cmd has no {ready_sleep}")
     parser.add_argument("--echo", choices=("auto", "yes", "no"), default="auto",
                         help="is the worker an echo worker? auto (default): decided by probing it")
-    parser.add_argument("--transport", choices=("grpcio", "h2"), default="grpcio",
-                        help="how pplex reaches the worker (pplex --transport; default grpcio)")
+    parser.add_argument("--transport", choices=("h2", "grpcio"), default="h2",
+                        help="how pplex reaches the worker (pplex --transport; default h2, as pplex)")
     parser.add_argument("--keep-logs", action="store_true", help="keep pplex and worker logs (path in the report)")
     parser.add_argument("--quiet", action="store_true", help="print only the table")
     return parser

@@ -73,7 +73,7 @@ def describe_bytes(data, limit=32):
 
 
 class Context:
-    def __init__(self, command, workdir, instances=2, echo="auto", transport="grpcio"):
+    def __init__(self, command, workdir, instances=2, echo="auto", transport="h2"):
         self.command = command
         self.transport = transport  # how pplex reaches workers: grpcio or h2
         self.workdir = workdir

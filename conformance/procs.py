@@ -255,7 +255,7 @@ class UpstreamEvent:
 class Pplex:
     """pplex as a subprocess on free loopback ports, with its admin API and its log's health events."""
 
-    def __init__(self, workdir, name, upstreams, active_window=1.0, framing=None, transport="grpcio", timeout=15.0,
+    def __init__(self, workdir, name, upstreams, active_window=1.0, framing=None, transport="h2", timeout=15.0,
                  server=None, plugins=None):
         self.name = name
         config = {

@@ -105,7 +105,7 @@ def run_scenario(ctx, scenario):
 
 
 def run_suite(upstream_cmd, instances=2, echo="auto", scenarios=None, slow_ready_cmd=None, report_path=None,
-              workdir=None, keep_logs=False, say=None, transport="grpcio"):
+              workdir=None, keep_logs=False, say=None, transport="h2"):
     """Run the suite; return the report (a dict). Raises ValueError for a bad command or scenario name."""
     say = say or (lambda text: None)
     command = WorkerCommand(upstream_cmd, slow_ready_cmd)

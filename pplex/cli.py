@@ -1,7 +1,7 @@
 """The `pplex` command: arguments, config loading, startup, signals and exit codes.
 
     pplex [--config pplex.json] [--listen HOST:PORT] [--upstream HOST:PORT]...
-          [--admin HOST:PORT] [--plugins NAME,...] [--transport grpcio|h2]
+          [--admin HOST:PORT] [--plugins NAME,...] [--transport h2|grpcio]
           [--processes N] [--broker URL] [--log-level LEVEL] [--log-format text|json]
     pplex demo [same flags]     # plus an embedded echo worker: nc 127.0.0.1 7999
     pplex plugins [same flags]  # list every available plugin
@@ -48,8 +48,9 @@ def build_parser():
                         help="an upstream worker; repeat for several (replaces the config's list)")
     parser.add_argument("--admin", metavar="HOST:PORT", help="admin HTTP API (default 127.0.0.1:8000)")
     parser.add_argument("--plugins", metavar="NAME,...", help="plugins to enable, by short name")
-    parser.add_argument("--transport", choices=("grpcio", "h2"),
-                        help="gRPC client for workers: grpcio (default) or h2 (in the reactor thread)")
+    parser.add_argument("--transport", choices=("h2", "grpcio"),
+                        help="gRPC client for workers: h2 (default: HTTP/2 in the reactor thread) or grpcio "
+                             "(gRPC's own C-core client on its threads)")
     parser.add_argument("--processes", metavar="N", type=int,
                         help="reactor processes sharing the client port (default 1; more needs a broker)")
     parser.add_argument("--broker", metavar="URL",

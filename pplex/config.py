@@ -191,8 +191,9 @@ SCHEMA = vol.Schema({
     vol.Optional("upstream", default=[]): [_upstream_entry],
     vol.Optional("management_server", default={}): MANAGEMENT,
     vol.Optional("plugins", default={}): _plugins,
-    # how pplex speaks gRPC to workers: "grpcio" (its threads) or "h2" (HTTP/2 in the reactor thread)
-    vol.Optional("transport", default="grpcio"): vol.In(("grpcio", "h2")),
+    # how pplex speaks gRPC to workers: "h2" (HTTP/2 in the reactor thread, the default: the fast one)
+    # or "grpcio" (gRPC's own C-core client on its threads)
+    vol.Optional("transport", default="h2"): vol.In(("h2", "grpcio")),
     # how log lines are written on stderr: "text" for people, "json" (one object per line) for log systems
     vol.Optional("log_format", default="text"): vol.In(LOG_FORMATS),
     vol.Optional("cluster", default={}): CLUSTER,

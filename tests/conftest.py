@@ -8,7 +8,7 @@ from tests.helpers import GoWorker, PplexProcess, RecordingWorker
 def transport():
     """The transport `start_pplex` gives pplex. A module that tests both overrides this with
     `@pytest.fixture(params=TRANSPORTS)`, and each of its tests then runs once per transport."""
-    return "grpcio"
+    return "h2"
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def start_pplex(tmp_path, transport):
     started = []
 
     def start(*args, config=None, env=None):
-        if transport != "grpcio" and "--transport" not in args:
+        if "--transport" not in args:
             args += ("--transport", transport)
         proc = PplexProcess(tmp_path, *args, config=config, env=env)
         started.append(proc)

@@ -36,7 +36,7 @@ def go_command(mode):
     return f"{shlex.quote(GO_WORKER)} --port {{port}} --mode {mode} --ready_sleep {{ready_sleep}}"
 
 
-def run(command, tmp_path, transport="grpcio", **options):
+def run(command, tmp_path, transport="h2", **options):
     return run_suite(command, workdir=str(tmp_path / "conformance"), transport=transport, **options)
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import ROOT, PplexProcess, free_port, wait_for
 
 H2 = ("--transport", "h2")
 GO_WORKER = os.path.join(ROOT, "conformance", "go-upstream", "bin", "go-upstream")
@@ -72,15 +72,20 @@ def state_of(pplex, port):
 
 def test_the_config_key_chooses_the_transport_and_the_flag_overrides_it(start_pplex, start_worker, tmp_path):
     worker = start_worker()
-    by_config = start_pplex(*upstream_args(worker), config={"transport": "h2"})
-    by_flag = start_pplex(*H2, *upstream_args(worker), config={"transport": "grpcio"})
-    default = start_pplex(*upstream_args(worker))
-    for pplex, used in ((by_config, "h2"), (by_flag, "h2"), (default, "grpcio")):
-        pplex.wait_ready_upstreams(1)
-        assert f"workers are reached with the {used} transport" in pplex.log()
-        client = pplex.client()
-        client.send(b"ping\n")
-        assert client.recv_line() == b"ping"
+    # PplexProcess, not start_pplex (which always names a transport): the config and the default.
+    by_config = PplexProcess(tmp_path, *upstream_args(worker), config={"transport": "grpcio"})
+    default = PplexProcess(tmp_path, *upstream_args(worker))
+    try:
+        by_flag = start_pplex(*H2, *upstream_args(worker), config={"transport": "grpcio"})
+        for pplex, used in ((by_config, "grpcio"), (by_flag, "h2"), (default, "h2")):
+            pplex.wait_ready_upstreams(1)
+            assert f"workers are reached with the {used} transport" in pplex.log()
+            client = pplex.client()
+            client.send(b"ping\n")
+            assert client.recv_line() == b"ping"
+    finally:
+        by_config.stop()
+        default.stop()
     bad = tmp_path / "bad.json"
     bad.write_text('{"transport": "quic"}')
     result = subprocess.run([sys.executable, "-m", "pplex", "--config", str(bad)],

@@ -147,7 +147,7 @@ def test_the_documented_example_config_is_valid_and_shows_every_section():
     raw = load_file(path)
     config = validate(raw, path)
     assert set(raw) == {str(key) for key in SCHEMA.schema}, "pplex.json must document every top-level key"
-    assert config["server"]["port"] == 7999 and config["transport"] == "grpcio"
+    assert config["server"]["port"] == 7999 and config["transport"] == "h2"
 
 
 @pytest.mark.parametrize("raw, message", [
