@@ -1024,6 +1024,9 @@ class H2Link(Link):
             call.window_updated()
             if call.batch is not None or call.closing:
                 call.push()
+                # The worker's window, not pplex, was holding these back: they go now, not at the
+                # end of this pass (a window update comes once per quarter window, not per message).
+                conn.flush_now()
         self._maybe_drained(conn)
 
     def _writable_again(self, conn):
