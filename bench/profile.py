@@ -68,6 +68,8 @@ def table(counter, samples, top):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     ap.add_argument("--transport", choices=("grpcio", "h2"), default="h2")
+    ap.add_argument("--revision", metavar="REV",
+                    help="profile pplex as it was at this git revision (before/after a change)")
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--pipeline", type=int, default=1, help="messages in flight per client (default 1)")
     ap.add_argument("--size", type=int, default=32, help="message size in bytes (default 32)")
@@ -87,7 +89,11 @@ def main(argv=None):
     raw = args.raw or os.path.join(tmpdir, "pplex.raw")
     try:
         worker, target = targets.start_worker(ps, "go")
-        pplex, address, _ = targets.start_pplex(ps, target, extra=("--transport", args.transport))
+        tree = None
+        if args.revision:
+            from bench.__main__ import checkout_revision
+            tree = checkout_revision(args.revision, tmpdir)
+        pplex, address, _ = targets.start_pplex(ps, target, extra=("--transport", args.transport), tree=tree)
         warmup = 1.0
         load_seconds = warmup + args.seconds + 2.0   # sampling starts after the warm-up, ends before the load
         loadgen = subprocess.Popen(
