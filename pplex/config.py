@@ -75,6 +75,10 @@ SERVER = {
     # PROXY protocol header before each client's bytes: off, v1, v2 or any; only from these networks
     vol.Optional("proxy_protocol", default="off"): proxyproto.mode,
     vol.Optional("proxy_protocol_from", default=list): proxyproto.cidr_list,
+    # which lifecycle workers get a client's CONNECTED / DISCONNECTED: "routed" (default), the one the
+    # routing chain picks for the client; "all", every ready one (README, "Sessions")
+    vol.Optional("lifecycle", default="routed"): vol.In(("routed", "all"),
+                                                        msg="expected \"routed\" or \"all\""),
     **limits.section_schema("server"),
 }
 

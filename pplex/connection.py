@@ -23,7 +23,8 @@ class Connection(BufferedSocket):
         "out", "eof", "close_reason",
         "framing_state", "authenticated", "upstream",
         "waiting", "waiting_bytes", "last_upstream", "merge_batch", "merge_index",
-        "idle_timer", "linger_timer", "behind_timer", "attrs", "__weakref__",
+        "idle_timer", "linger_timer", "behind_timer", "attrs", "session", "proxy_facts", "tls_facts",
+        "__weakref__",
     )
 
     def __init__(self, proxy, sock, uuid, peer, now):
@@ -50,6 +51,9 @@ class Connection(BufferedSocket):
         self.linger_timer = None
         self.behind_timer = None  # slow-consumer deadline while above the high watermark
         self.attrs = None         # a dict for plugins, made on first use
+        self.session = None       # where its CONNECTED went (the proxy's, README "Sessions"); None: no events
+        self.proxy_facts = None   # proxy_* CONNECTED metadata from its PROXY header (the front door's)
+        self.tls_facts = None     # tls_* CONNECTED metadata when pplex terminates its TLS (the front door's)
 
     def __repr__(self):
         return f"<Connection {self.uuid} {format_peer(self.peer)}>"

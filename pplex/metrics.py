@@ -25,8 +25,9 @@ class _ProxyCollector:
 
     def _families(self):
         proxy = self.app.proxy
-        snap, upstreams = self.app.control.call(
-            lambda: (proxy.stats.snapshot(proxy.conns.values()), [u.as_dict() for u in proxy.upstreams]))
+        snap, upstreams, groups = self.app.control.call(
+            lambda: (proxy.stats.snapshot(proxy.conns.values()), [u.as_dict() for u in proxy.upstreams],
+                     len(proxy.groups)))
         yield GaugeMetricFamily("pplex_connections_open", "Open client connections.",
                                 value=snap["connections_open"])
         for name, key, text in (
@@ -47,6 +48,17 @@ class _ProxyCollector:
         for reason, count in sorted(snap["drops"].items()):
             drops.add_metric([reason], count)
         yield drops
+        events = CounterMetricFamily("pplex_lifecycle_events", "Lifecycle events queued for workers, by kind.",
+                                     labels=["kind"])
+        for kind, count in sorted(snap["lifecycle_events"].items()):
+            events.add_metric([kind], count)
+        yield events
+        actions = CounterMetricFamily("pplex_worker_actions", "Session actions applied (README, Sessions), by action.",
+                                      labels=["action"])
+        for action, count in sorted(snap["actions"].items()):
+            actions.add_metric([action], count)
+        yield actions
+        yield GaugeMetricFamily("pplex_groups", "Groups with at least one member on this node.", value=groups)
         state = GaugeMetricFamily("pplex_upstream_state", "1 for the state each upstream is in.",
                                   labels=["upstream", "address", "state"])
         routed = CounterMetricFamily("pplex_upstream_messages_routed", "Messages routed to each upstream.",

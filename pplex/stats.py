@@ -26,6 +26,8 @@ class Stats:
         self.backpressure_episodes = 0
         self.drops = {}
         self.closes = {}   # reason code -> connections closed for it
+        self.events = [0, 0, 0]   # lifecycle events queued for workers, by kind (1 CONNECTED, 2 DISCONNECTED)
+        self.actions = {}  # worker actions applied, by name (send to a group, close, join, leave)
         self._unknown_logged_at = 0.0
         self._unknown_since_log = 0
 
@@ -64,6 +66,8 @@ class Stats:
             "redelivered": self.redelivered, "unconfirmed": self.unconfirmed,
             "backpressure_episodes": self.backpressure_episodes,
             "drops": dict(self.drops), "closes": dict(self.closes),
+            "lifecycle_events": {"connected": self.events[1], "disconnected": self.events[2]},
+            "actions": dict(self.actions),
             "uptime_seconds": round(time.time() - self.started, 3),
         }
         if extra:

@@ -347,8 +347,9 @@ class Recorder(LinkEvents):
         assert not self.in_offer, f"{item[0]} reported from inside offer()"
         self.log.append(item)
 
-    def on_ready(self, link, ok, detail):
+    def on_ready(self, link, ok, detail, features=()):
         self._add("ready", ok, detail)
+        self.features = features
 
     def on_stream_closed(self, link, detail):
         self._add("closed", detail)
