@@ -86,6 +86,8 @@ class Lifecycle:
         try:
             local = conn.sock.getsockname()
         except (OSError, AttributeError):
+            local = None
+        if not isinstance(local, tuple):  # not an IP socket (tests give socketpairs), or gone already
             local = ("", 0)
         return sessions.connected_metadata(conn.peer, local, node.current.id, conn.proxy_facts, conn.tls_facts)
 
