@@ -67,6 +67,13 @@ def _length_prefix(key, size):
     return key + (_SMALL_VARINTS[size] if size < 128 else _varint(size))
 
 
+# Encoded map-entry keys (a handful of names: the CONNECTED keys, "reason"), and whole events of one
+# entry (a DISCONNECTED: one per kind and reason); both bounded, in case a caller makes up names.
+_entry_keys = {}
+_single_entry_events = {}
+_CACHE_LIMIT = 256
+
+
 def event_fields(event):
     """The encoded fields 4 (`kind`) and 5 (`metadata`) of a lifecycle input; kept on the event.
 
@@ -74,16 +81,32 @@ def event_fields(event):
     deterministic serializer does; a parser accepts any order. Strings are
     UTF-8 (the metadata builder made them valid).
     """
-    parts = [_KIND_KEY, _varint(event.kind)]
     metadata = event.metadata
+    single = None
+    if len(metadata) == 1:
+        single = (event.kind, *metadata.items())
+        wire = _single_entry_events.get(single)
+        if wire is not None:
+            event.wire = wire
+            return wire
+    parts = [_KIND_KEY, _SMALL_VARINTS[event.kind] if event.kind < 128 else _varint(event.kind)]
     for name in sorted(metadata):
-        key = name.encode()
+        key_field = _entry_keys.get(name)
+        if key_field is None:
+            key = name.encode()
+            key_field = _length_prefix(_ENTRY_KEY, len(key)) + key
+            if len(_entry_keys) < _CACHE_LIMIT:
+                _entry_keys[name] = key_field
         value = metadata[name].encode()
-        entry = _length_prefix(_ENTRY_KEY, len(key)) + key + _length_prefix(_ENTRY_VALUE, len(value)) + value
-        parts.append(_length_prefix(_METADATA_KEY, len(entry)))
-        parts.append(entry)
-    event.wire = b"".join(parts)
-    return event.wire
+        size = len(key_field) + len(value) + (2 if len(value) < 128 else 1 + len(_varint(len(value))))
+        parts.append(_length_prefix(_METADATA_KEY, size))
+        parts.append(key_field)
+        parts.append(_length_prefix(_ENTRY_VALUE, len(value)))
+        parts.append(value)
+    wire = event.wire = b"".join(parts)
+    if single is not None and len(_single_entry_events) < _CACHE_LIMIT:
+        _single_entry_events[single] = wire
+    return wire
 
 
 def encode_batch(batch):
