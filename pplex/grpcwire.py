@@ -98,11 +98,16 @@ def event_fields(event):
             if len(_entry_keys) < _CACHE_LIMIT:
                 _entry_keys[name] = key_field
         value = metadata[name].encode()
-        size = len(key_field) + len(value) + (2 if len(value) < 128 else 1 + len(_varint(len(value))))
-        parts.append(_length_prefix(_METADATA_KEY, size))
+        length = len(value)
+        size = len(key_field) + length + 2
+        if size < 128:  # the usual entry: every length is one byte
+            parts.append(_METADATA_KEY + _SMALL_VARINTS[size] + key_field + _ENTRY_VALUE + _SMALL_VARINTS[length]
+                         + value)
+            continue
+        value_field = _length_prefix(_ENTRY_VALUE, length) + value
+        parts.append(_length_prefix(_METADATA_KEY, len(key_field) + len(value_field)))
         parts.append(key_field)
-        parts.append(_length_prefix(_ENTRY_VALUE, len(value)))
-        parts.append(value)
+        parts.append(value_field)
     wire = event.wire = b"".join(parts)
     if single is not None and len(_single_entry_events) < _CACHE_LIMIT:
         _single_entry_events[single] = wire
