@@ -155,7 +155,11 @@ class Lifecycle:
                              "the oldest are dropped", limits.MAX_PENDING_EVENTS)
 
     def release_pending(self):
-        """A lifecycle worker entered rotation: the DISCONNECTED that waited go out, in order."""
+        """A worker entered rotation: the DISCONNECTED that waited go out, in order, to a lifecycle
+        one; when no registered worker wants events any more, they are let go."""
+        if not self.targets and not self.wanted():
+            self.pending.clear()
+            return
         pending, self.pending = self.pending, collections.deque()
         while pending:
             event = pending.popleft()

@@ -433,7 +433,7 @@ class Proxy:
 
     # -- upstream changes ------------------------------------------------------
     def upstream_ready(self, upstream):
-        if upstream.lifecycle and self.lifecycle.pending:
+        if self.lifecycle.pending:
             self.lifecycle.release_pending()
         if self.waiting_clients:
             self.release_waiting()

@@ -13,7 +13,6 @@ import signal
 import socket
 import struct
 import time
-import urllib.request
 
 import pytest
 

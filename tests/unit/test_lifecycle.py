@@ -396,3 +396,12 @@ def test_a_graceful_stop_ends_only_once_lifecycle_streams_took_their_last_events
     c.proxy.upstreams.on_stream_closed(lifecycle, "worker ended the data stream")
     assert done == [True]
     assert c.proxy.begin_shutdown(lambda: done.append(False)) is None
+
+
+def test_waiting_events_are_let_go_when_only_base_workers_are_left(core):
+    c = core(plugins={"auth_token": {"tokens": ["s3cret"]}})
+    bad_conn, _ = c.client()  # no worker yet: events may be wanted
+    c.proxy.close(bad_conn, reasons.AUTH_FAILED)
+    assert len(c.proxy.lifecycle.pending) == 1
+    c.add(2, lifecycle=False)
+    assert not c.proxy.lifecycle.pending and c.link(2).inputs() == []
