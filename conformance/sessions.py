@@ -403,8 +403,8 @@ def lifecycle_groups(ctx):
     a.reset()
     await_disconnected(target, pool, c, a_uuid, "client_reset", "a group member that went")
     payload, got = to_group(c)
-    got.pop("a")
-    if got != {"b": [payload], "outsider": []}:
+    got.pop(a.name)
+    if got != {b.name: [payload], c.name: []}:
         raise Fail(f"pplex: SEND to a group whose member went: got {got}; only the remaining member must get it",
                    subject=target.subject)
     if groups_listed(pplex).get(group) != 1:

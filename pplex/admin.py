@@ -37,8 +37,11 @@ log = logging.getLogger("pplex.admin")
 CALL_TIMEOUT_SECONDS = 5.0
 MAX_PAGE = 1000
 MAX_QUERY_CHARS = 100  # GET /connections?q=: a uuid is 36, an address at most ~47
+MAX_GROUP_QUERY_CHARS = 65535  # GET /groups?q=: a part of a group name (server.max_group_name_bytes at most)
 OPEN_ROUTES = {"/healthz"}
 MAX_HEADER_BYTES = 64 * 1024
+# At exit, answers still being written get this long to go out.
+CLOSE_GRACE_SECONDS = 1.0
 # Out of file descriptors: the admin listener pauses this long before accepting again.
 ACCEPT_RETRY_SECONDS = 0.25
 _limited = RateLimited()
@@ -213,6 +216,28 @@ def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
     def close_connection(uuid):
         return admin_cluster.connection(app_state, uuid, close=True)
 
+    @route("/groups")
+    def list_groups():
+        limit = _int_param("limit", 100, 0, MAX_PAGE)
+        offset = _int_param("offset", 0, 0, 1 << 62)
+        query = bottle.request.query.get("q", "")
+        if len(query) > MAX_GROUP_QUERY_CHARS:
+            raise HTTPError(400, f"q: at most {MAX_GROUP_QUERY_CHARS} characters", field="q")
+
+        def page():
+            matched, rows = proxy.groups.page(offset, limit, query)
+            return {"count": len(proxy.groups), "matched": matched, "offset": offset, "limit": limit,
+                    "groups": [{"name": name, "members": members} for name, members in rows]}
+        return control.call(page)
+
+    @route("/shutdown", "POST", status=202)
+    def shutdown():
+        clients = control.call(app_state.start_shutdown)
+        server = proxy.config["server"]
+        return {"status": "shutting down" if clients is not None else "already shutting down",
+                "clients": clients, "shutdown_spread": server["shutdown_spread"],
+                "shutdown_grace": server["shutdown_grace"]}
+
     @route("/cluster")
     def cluster():
         return admin_cluster.cluster_view(app_state)
@@ -341,6 +366,12 @@ class AdminServer:
         self.thread.start()
         return self.address
 
-    def close(self):
+    def close(self, grace=CLOSE_GRACE_SECONDS):
+        """Stop serving; answers being written (POST /shutdown's own) get up to `grace` seconds to go out."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(
+                channel.requests or channel.total_outbufs_len
+                for channel in list(self.server.active_channels.values())):
+            time.sleep(0.01)  # the loop thread writes them; nothing to wait on but their state
         self.server.close()
         self.server.task_dispatcher.shutdown(timeout=1)

@@ -64,6 +64,7 @@ class App:
         self.listen_address = None
         self.admin_address = None
         self.cluster = None
+        self.shutdown_requested = False   # a graceful stop began (SIGTERM or POST /shutdown)
         if config["cluster"].get("broker"):
             from pplex.cluster import Cluster
             self.cluster = Cluster(self.reactor, self.proxy, node.current, config["cluster"],
@@ -123,9 +124,16 @@ class App:
 
     def begin_shutdown(self):
         """The graceful stop (SIGTERM): stop accepting, /readyz 503, close clients spread over
-        server.shutdown_spread without losing what is in flight, then end the loop.
-        Safe from any thread or a signal handler."""
-        self.reactor.call_soon_threadsafe(self.proxy.begin_shutdown, self.stop)
+        server.shutdown_spread without losing what is in flight, let lifecycle workers take every
+        DISCONNECTED, then end the loop. Safe from any thread or a signal handler."""
+        self.shutdown_requested = True
+        self.reactor.call_soon_threadsafe(self.start_shutdown)
+
+    def start_shutdown(self):
+        """`begin_shutdown` on the reactor thread (POST /shutdown): the number of clients it closes,
+        or None when a shutdown had begun already."""
+        self.shutdown_requested = True
+        return self.proxy.begin_shutdown(self.stop)
 
     def reload_tls(self):
         """SIGHUP: the client certificate (server.tls) is read again for new connections, in the

@@ -30,7 +30,7 @@ from pplex import limits, node
 from pplex._proto import upstream_pb2, upstream_pb2_grpc
 from pplex.grpctls import make_channel, tls_detail
 from pplex.logs import FAULTS, RateLimited
-from pplex.transport import CLEAN_END, Link, Transport
+from pplex.transport import CLEAN_END, Event, Link, Transport
 
 log = logging.getLogger("pplex.bridge")
 
@@ -132,13 +132,16 @@ class GrpcLink(Link):
         future.add_done_callback(lambda done: self._ready_answered(done, started))
 
     def _ready_answered(self, future, started):
+        features = ()
         try:
-            ok = future.result().ready
+            answer = future.result()
+            ok = answer.ready
+            features = tuple(answer.features)
             self.ready_seconds = time.monotonic() - started
             detail = "ready" if ok else "worker answered ready=false"
         except Exception as error:  # grpc.RpcError or cancellation
             ok, detail = False, describe_rpc_error(error, self.server_name)
-        self._post(self._emit, self.events.on_ready, ok, detail)
+        self._post(self._emit, self.events.on_ready, ok, detail, features)
 
     # -- data stream ---------------------------------------------------------
     def open_stream(self):
@@ -185,8 +188,12 @@ class GrpcLink(Link):
                 # after its answer would look unanswered until the next answer.
                 state.written += 1
                 payload = batch[i + 1]
-                if payload.__class__ is bytearray:  # raw bytes merged by the proxy
-                    payload = bytes(payload)
+                if payload.__class__ is not bytes:
+                    if payload.__class__ is Event:  # a lifecycle input: kind and metadata, no payload
+                        yield make(client_uuid=batch[i], time=batch[i + 2], kind=payload.kind,
+                                   metadata=payload.metadata)
+                        continue
+                    payload = bytes(payload)  # raw bytes merged by the proxy (a bytearray)
                 yield make(client_uuid=batch[i], payload=payload, time=batch[i + 2])
             with cond:
                 if state.kept is not None:
@@ -235,11 +242,20 @@ class GrpcLink(Link):
         events = self.events
         for out in inbox:
             try:
+                # SEND (action 0) to a client or a set is the base contract; anything else is an action.
                 which = out.WhichOneof("target")
                 if which == "client_uuid":
-                    events.on_reply(self, out.client_uuid, out.payload)
+                    if out.action:
+                        events.on_action(self, out.action, which, out.client_uuid, out.payload, out.groups)
+                    else:
+                        events.on_reply(self, out.client_uuid, out.payload)
                 elif which == "broadcast":
-                    events.on_broadcast(self, out.broadcast, out.payload)
+                    if out.action:
+                        events.on_action(self, out.action, which, out.broadcast, out.payload, out.groups)
+                    else:
+                        events.on_broadcast(self, out.broadcast, out.payload)
+                elif which == "group":
+                    events.on_action(self, out.action, which, out.group, out.payload, out.groups)
                 else:
                     events.on_bad_message(self, "message with no target")
             except Exception:

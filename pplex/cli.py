@@ -166,13 +166,12 @@ def main(argv=None):
 
 
 def install_signal_handlers(app):
-    """SIGTERM or SIGINT: a graceful stop (see `App.begin_shutdown`); a second one stops at once.
-    SIGHUP: read server.tls's certificate again (`App.reload_tls`)."""
-    received = []
+    """SIGTERM or SIGINT: a graceful stop (see `App.begin_shutdown`); one while a graceful stop runs
+    (a second signal, or after POST /shutdown) stops at once. SIGHUP: read server.tls's certificate
+    again (`App.reload_tls`)."""
 
     def on_signal(signum, frame):
-        received.append(signum)
-        if len(received) == 1:
+        if not app.shutdown_requested:
             log.info("%s: stopping gracefully (send it again to stop at once)", signal.Signals(signum).name)
             app.begin_shutdown()
         else:

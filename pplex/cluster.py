@@ -15,6 +15,12 @@ pass, so a burst costs one publish):
   other node applies it to its own clients, ACTIVE / NOT_ACTIVE judged by its
   own clock and `server.active_window`. A node drops its own frames (origin
   tag and instance in the frame header).
+- **session actions** (`relaywire.ACTION`): a SEND to a group, and a CLOSE,
+  JOIN or LEAVE on a broadcast set or a group, are applied to this node's
+  clients first (`Lifecycle.on_action`), then published once on
+  `<name>.all`; one on another node's client UUID goes to its owner, like a
+  reply. Groups live in each node: every node applies a group action to the
+  members it has.
 - **replies by UUID** for a client of another node: the first 8 hex digits
   of a client UUID are its node's tag (`pplex.node`), so the reply goes straight
   to `<name>.node.<tag>`, published only when that node is alive in the
@@ -40,6 +46,7 @@ import logging
 import os
 import random
 import socket
+import struct
 import time
 
 from pplex import __version__, limits, relaywire
@@ -146,6 +153,7 @@ class Cluster:
             relaywire.BROADCAST: self._apply_broadcast, relaywire.REPLY: self._apply_reply,
             relaywire.HEARTBEAT: self._apply_heartbeat, relaywire.LEAVE: self._apply_leave,
             relaywire.ADMIN_ASK: self._apply_ask, relaywire.ADMIN_ANSWER: self._apply_answer,
+            relaywire.ACTION: self._apply_action,
         }
         reactor.add_pass_end(self._end_of_pass)
 
@@ -200,6 +208,33 @@ class Cluster:
         if tag not in self.tags:
             return False
         self._queue(self.subject_for(tag), relaywire.reply(client_uuid, payload))
+        return True
+
+    def relay_action(self, link, action, which, target, payload, groups):
+        """A worker's session action. On a broadcast set or a group (already applied here): published
+        for every other node; returns True. On a client UUID that is not here: True when it belongs to
+        another node (sent to it, or counted), False (the proxy counts an unknown UUID) as for
+        `relay_reply`."""
+        if link is RELAY:
+            return False
+        if which == "client_uuid":
+            tag = uuid_tag(target)
+            if tag is None or tag == self.node.tag:
+                return False
+            if not self.up:
+                self._count(self.unrelayed, "broker_down")
+                return True
+            if tag not in self.tags:
+                return False
+            subject = self.subject_for(tag)
+        else:
+            subject = self.subject_all
+        try:
+            record = relaywire.action(action, which, target, payload, groups)
+        except (ValueError, KeyError, IndexError, struct.error):  # a name or count too long for the format
+            self._count(self.unrelayed, "too_large")
+            return True
+        self._queue(subject, record)
         return True
 
     def _queue(self, subject, record):
@@ -277,6 +312,11 @@ class Cluster:
         selector, payload = relaywire.split_broadcast(body)
         self._count(self.relayed_in, "broadcast")
         self.proxy.on_broadcast(RELAY, selector, payload)
+
+    def _apply_action(self, origin_tag, instance, body):
+        action, which, target, payload, groups = relaywire.split_action(body)
+        self._count(self.relayed_in, "action")
+        self.proxy.on_action(RELAY, action, which, target, payload, groups)
 
     def _apply_reply(self, origin_tag, instance, body):
         client_uuid, payload = relaywire.split_reply(body)

@@ -77,6 +77,10 @@ SERVER = {
     vol.Optional("proxy_protocol_from", default=list): proxyproto.cidr_list,
     # TLS for clients: {cert_file, key_file, ca_file?, min_version?}; with ca_file a client certificate is required
     vol.Optional("tls"): validate_server_tls,
+    # which lifecycle workers get a client's CONNECTED / DISCONNECTED: "routed" (default), the one the
+    # routing chain picks for the client; "all", every ready one (README, "Sessions")
+    vol.Optional("lifecycle", default="routed"): vol.In(("routed", "all"),
+                                                        msg="expected \"routed\" or \"all\""),
     **limits.section_schema("server"),
 }
 

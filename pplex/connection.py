@@ -26,7 +26,8 @@ class Connection(BufferedSocket):
         "out", "eof", "close_reason",
         "framing_state", "authenticated", "upstream",
         "waiting", "waiting_bytes", "last_upstream", "merge_batch", "merge_index",
-        "idle_timer", "linger_timer", "behind_timer", "attrs", "__weakref__",
+        "idle_timer", "linger_timer", "behind_timer", "attrs", "session",
+        "__weakref__",
     )
 
     # Set per instance by the front door's subclasses only (see the module docstring).
@@ -65,6 +66,7 @@ class Connection(BufferedSocket):
         self.linger_timer = None
         self.behind_timer = None  # slow-consumer deadline while above the high watermark
         self.attrs = None         # a dict for plugins, made on first use
+        self.session = None       # where its CONNECTED went (the proxy's, README "Sessions"); None: no events
 
     def __repr__(self):
         return f"<Connection {self.uuid} {format_peer(self.peer)}>"

@@ -12,6 +12,7 @@ import struct
 
 from h2.errors import ErrorCodes
 
+from pplex.transport import Event
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024   # the same limit as the grpcio transport
 
@@ -56,10 +57,60 @@ def _varint(value):
 _SMALL_VARINTS = [bytes((n,)) for n in range(128)]
 # Field keys of InputStreamRequest: (field number << 3) | wire type 2 (length-delimited).
 _TIME_KEY, _UUID_KEY, _PAYLOAD_KEY = b"\x0a", b"\x12", b"\x1a"
+# kind = 4 is a varint (wire type 0); metadata = 5 is a map, on the wire a repeated message
+# (wire type 2) of entries {key = 1, value = 2}, both length-delimited strings.
+_KIND_KEY, _METADATA_KEY, _ENTRY_KEY, _ENTRY_VALUE = b"\x20", b"\x2a", b"\x0a", b"\x12"
 
 
 def _length_prefix(key, size):
     return key + (_SMALL_VARINTS[size] if size < 128 else _varint(size))
+
+
+# Encoded map-entry keys (a handful of names: the CONNECTED keys, "reason"), and whole events of one
+# entry (a DISCONNECTED: one per kind and reason); both bounded, in case a caller makes up names.
+_entry_keys = {}
+_single_entry_events = {}
+_CACHE_LIMIT = 256
+
+
+def event_fields(event):
+    """The encoded fields 4 (`kind`) and 5 (`metadata`) of a lifecycle input; kept on the event.
+
+    Map entries are written in key order, key then value, as protobuf's
+    deterministic serializer does; a parser accepts any order. Strings are
+    UTF-8 (the metadata builder made them valid).
+    """
+    metadata = event.metadata
+    single = None
+    if len(metadata) == 1:
+        single = (event.kind, *metadata.items())
+        wire = _single_entry_events.get(single)
+        if wire is not None:
+            event.wire = wire
+            return wire
+    parts = [_KIND_KEY, _SMALL_VARINTS[event.kind] if event.kind < 128 else _varint(event.kind)]
+    for name in sorted(metadata):
+        key_field = _entry_keys.get(name)
+        if key_field is None:
+            key = name.encode()
+            key_field = _length_prefix(_ENTRY_KEY, len(key)) + key
+            if len(_entry_keys) < _CACHE_LIMIT:
+                _entry_keys[name] = key_field
+        value = metadata[name].encode()
+        length = len(value)
+        size = len(key_field) + length + 2
+        if size < 128:  # the usual entry: every length is one byte
+            parts.append(_METADATA_KEY + _SMALL_VARINTS[size] + key_field + _ENTRY_VALUE + _SMALL_VARINTS[length]
+                         + value)
+            continue
+        value_field = _length_prefix(_ENTRY_VALUE, length) + value
+        parts.append(_length_prefix(_METADATA_KEY, len(key_field) + len(value_field)))
+        parts.append(key_field)
+        parts.append(value_field)
+    wire = event.wire = b"".join(parts)
+    if single is not None and len(_single_entry_events) < _CACHE_LIMIT:
+        _single_entry_events[single] = wire
+    return wire
 
 
 def encode_batch(batch):
@@ -71,6 +122,9 @@ def encode_batch(batch):
     serializer writes them) and framed for gRPC. By hand because it is the
     per-message path, and because refilling one upb message object instead
     keeps every old field value in the message's arena until it dies.
+    A lifecycle `Event` in the payload slot becomes `{time, client_uuid,
+    kind=4, metadata=5}` (no payload field); only an empty payload is looked
+    at for that, so a message with bytes costs nothing more.
     """
     parts = []
     ends = []
@@ -87,7 +141,12 @@ def encode_batch(batch):
             time_field = _length_prefix(_TIME_KEY, len(raw)) + raw if raw else b""
         uuid = batch[i].encode()
         size = len(payload)
-        head = _length_prefix(_PAYLOAD_KEY, size) if size else b""
+        if size:
+            head = _length_prefix(_PAYLOAD_KEY, size)
+        elif payload.__class__ is Event:  # fields 4 and 5 instead of a payload
+            head = payload.wire or event_fields(payload)
+        else:
+            head = b""
         body = len(time_field) + len(uuid) + 2 + len(head) + size if len(uuid) < 128 else None
         if body is None:  # not one of pplex's UUIDs: the general form
             uuid_field = _length_prefix(_UUID_KEY, len(uuid)) + uuid
@@ -100,6 +159,8 @@ def encode_batch(batch):
         if size:
             append(head)
             append(payload)
+        elif head:
+            append(head)
         pos += 5 + body
         ends.append(pos)
     return b"".join(parts), ends

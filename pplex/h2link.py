@@ -253,11 +253,20 @@ class _DataCall(_Call):
                 self.finish(f"INTERNAL: cannot decode a message from the worker: {error}")
                 return
             try:
+                # SEND (action 0) to a client or a set is the base contract; anything else is an action.
                 which = out.WhichOneof("target")
                 if which == "client_uuid":
-                    events.on_reply(link, out.client_uuid, out.payload)
+                    if out.action:
+                        events.on_action(link, out.action, which, out.client_uuid, out.payload, out.groups)
+                    else:
+                        events.on_reply(link, out.client_uuid, out.payload)
                 elif which == "broadcast":
-                    events.on_broadcast(link, out.broadcast, out.payload)
+                    if out.action:
+                        events.on_action(link, out.action, which, out.broadcast, out.payload, out.groups)
+                    else:
+                        events.on_broadcast(link, out.broadcast, out.payload)
+                elif which == "group":
+                    events.on_action(link, out.action, which, out.group, out.payload, out.groups)
                 else:
                     events.on_bad_message(link, "message with no target")
             except Exception:
@@ -985,12 +994,14 @@ class H2Link(Link):
         if self._ready is not call or call.stopped:
             return
         self._ready = None
+        features = ()
         if detail is None:
             ok = bool(call.answer.ready)
+            features = tuple(call.answer.features)
             detail = "ready" if ok else "worker answered ready=false"
         else:
             ok = False
-        self._emit(self.events.on_ready, ok, detail)
+        self._emit(self.events.on_ready, ok, detail, features)
 
     # -- data stream ---------------------------------------------------------
     def open_stream(self):

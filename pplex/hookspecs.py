@@ -114,12 +114,20 @@ def pplex_route(conn, payload, ready):
     :param ready: the live list of workers in rotation (do not mutate it).
     Return an empty sequence to hold the message until a candidate is ready
     (it waits in the client's bounded queue). First non-None wins.
+
+    Also asked where a client's lifecycle event goes (README, "Sessions"):
+    then `payload` is b"", `ready` the workers in rotation that asked for
+    events, and `conn` may be closed already (a DISCONNECTED); an empty answer
+    leaves the choice to the balancer among all of them.
     """
 
 
 @hookspec(firstresult=True)
 def pplex_balance(conn, payload, candidates):
-    """Pick one upstream among `candidates` (non-empty) for one message. First non-None wins."""
+    """Pick one upstream among `candidates` (non-empty) for one message. First non-None wins.
+
+    Also asked for a client's lifecycle event, with `payload` b"" (see `pplex_route`); an answer
+    outside `candidates` is replaced by the first of them."""
 
 
 # -- slot: broadcast -----------------------------------------------------------

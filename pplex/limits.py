@@ -156,6 +156,22 @@ TLS_HANDSHAKE_TIMEOUT = setting(
     "(a client that connects and says nothing must not hold its slot)", low_open=True)
 
 
+# -- server: sessions (lifecycle events and groups, README "Sessions") ---------------------------
+# (server.lifecycle, "routed" or "all", is not a number: it is declared in pplex.config.)
+MAX_GROUPS_PER_CLIENT = setting(
+    "server", "max_groups_per_client", 64, "groups", 1, 65535,
+    "groups one client may be in; a JOIN beyond it is refused (counted and logged), never fatal",
+    integer=True)
+MAX_GROUP_NAME_BYTES = setting(
+    "server", "max_group_name_bytes", 256, "bytes", 1, 65535,
+    "longest group name (UTF-8 bytes) a worker may use; an action naming a longer one is refused",
+    integer=True)
+MAX_GROUPS = setting(
+    "server", "max_groups", 1_000_000, "groups", 1, 100_000_000,
+    "groups that may exist at once on this node (a group is made by its first JOIN and forgotten when "
+    "its last member leaves); a JOIN that would make more is refused", integer=True)
+
+
 # -- upstream: each worker ---------------------------------------------------------------------
 ALIVE_TIMEOUT = setting(
     "upstream", "alive_timeout", 30, "s", 0, 24 * 3600,
@@ -230,6 +246,16 @@ LIVE_GRACE = 1.5
 # Messages written to a stream that may have to be re-sent (redeliver_unconfirmed) are kept
 # up to this many bytes per worker; older ones fall back to at-most-once (counted).
 REDELIVER_KEEP_BYTES = 8 * MiB
+
+
+# Lifecycle events (DISCONNECTED) that wait while no lifecycle worker is ready; past this the oldest
+# are dropped (counted: drops "lifecycle_event_overflow"). Each holds its closed client's record.
+MAX_PENDING_EVENTS = 65_536
+# When pplex stops gracefully, how long it waits, after its last client is closed, for every lifecycle
+# worker's data stream to take the events queued for it and end (the worker ends it once it read them).
+EVENTS_FLUSH_SECONDS = 2.0
+# How often that wait looks at the streams.
+EVENTS_FLUSH_CHECK_SECONDS = 0.01
 
 
 # -- cluster: many pplex processes acting as one, over a broker (pplex.cluster) ---------------------

@@ -26,9 +26,9 @@ class _ProxyCollector:
 
     def _families(self):
         proxy = self.app.proxy
-        snap, upstreams, unread = self.app.control.call(
+        snap, upstreams, unread, groups = self.app.control.call(
             lambda: (proxy.stats.snapshot(proxy.conns.values()), [u.as_dict() for u in proxy.upstreams],
-                     proxy.client_output_bytes))
+                     proxy.client_output_bytes, len(proxy.groups)))
         yield GaugeMetricFamily("pplex_connections_open", "Open client connections.",
                                 value=snap["connections_open"])
         for name, key, text in (
@@ -71,6 +71,17 @@ class _ProxyCollector:
         for kind, count in sorted(snap["front_door"].items()):
             door.add_metric([kind], count)
         yield door
+        events = CounterMetricFamily("pplex_lifecycle_events", "Lifecycle events queued for workers, by kind.",
+                                     labels=["kind"])
+        for kind, count in sorted(snap["lifecycle_events"].items()):
+            events.add_metric([kind], count)
+        yield events
+        actions = CounterMetricFamily("pplex_worker_actions", "Session actions applied (README, Sessions), by action.",
+                                      labels=["action"])
+        for action, count in sorted(snap["actions"].items()):
+            actions.add_metric([action], count)
+        yield actions
+        yield GaugeMetricFamily("pplex_groups", "Groups with at least one member on this node.", value=groups)
         state = GaugeMetricFamily("pplex_upstream_state", "1 for the state each upstream is in.",
                                   labels=["upstream", "address", "state"])
         routed = CounterMetricFamily("pplex_upstream_messages_routed", "Messages routed to each upstream.",

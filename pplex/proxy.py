@@ -6,8 +6,9 @@ the chosen upstream; and back: replies by UUID, broadcasts through the
 broadcast plugin. At the end of each reactor pass it offers each upstream
 its batch (one hand-off per upstream per pass) and gives each client one
 write. It also owns how clients end: half-close, slow consumers, idle
-deadlines, shutdown. Accepting is `pplex.listener`'s; everything here runs
-on the reactor thread.
+deadlines, a worker's CLOSE, shutdown. Accepting is `pplex.listener`'s; the
+session extension (lifecycle events, worker actions, groups) is
+`pplex.lifecycle`'s, called from here; everything runs on the reactor thread.
 
 Memory is bounded everywhere on this path:
 - what a client may have waiting while no worker is ready (`max_pending_bytes`);
@@ -27,11 +28,13 @@ from pplex import limits, node, reasons
 from pplex.connection import Connection, format_peer
 from pplex.errors import FrameError
 from pplex.frontdoor import FrontDoor
+from pplex.lifecycle import HELD, Lifecycle
 from pplex.listener import Listener
 from pplex.reactor import READ
 from pplex.logs import FAULTS, RateLimited
 from pplex.stats import Stats
 from pplex.timestamps import rfc3339_now
+from pplex.transport import Event
 from pplex.upstreams import Upstreams
 
 log = logging.getLogger("pplex.proxy")
@@ -107,6 +110,8 @@ class Proxy:
             notify_ready=plugins.notifier("pplex_upstream_ready"),
             notify_lost=plugins.notifier("pplex_upstream_lost"))
         self.ready = self.upstreams.ready
+        self.lifecycle = Lifecycle(self, server)
+        self.groups = self.lifecycle.groups
         reactor.add_pass_end(self._end_of_pass)
 
     # -- accepting -----------------------------------------------------------
@@ -151,9 +156,20 @@ class Proxy:
             log.info("open %s from %s", conn.uuid, format_peer(peer), extra={"uuid": conn.uuid})
         if self.notify_opened is not None:
             self.notify_opened(conn)
+        if self.authenticate is None:
+            self._admitted(conn)
         if arrival is not None:
             arrival.deliver(conn)     # what the client sent with its last bytes at the front door
         return conn
+
+    def _admitted(self, conn):
+        """`conn` passed the accept and auth plugins: lifecycle workers hear of it (CONNECTED)."""
+        if conn.closed:
+            return
+        try:
+            self.lifecycle.connected(conn)
+        except Exception:
+            self.failed(conn, "sending its CONNECTED")
 
     # -- client to worker ----------------------------------------------------
     def received(self, conn, data):
@@ -235,6 +251,7 @@ class Proxy:
                 log.info("authenticated %s", conn.uuid, extra={"uuid": conn.uuid})
             if self.notify_authenticated is not None:
                 self.notify_authenticated(conn)
+            self._admitted(conn)
         elif verdict is False:
             self.stats.drop("auth_rejected")
             self.close(conn, reasons.AUTH_FAILED, "authentication failed")
@@ -246,7 +263,7 @@ class Proxy:
         conn.waiting.append(payload)
         conn.waiting_bytes += len(payload)
         if conn.waiting_bytes > self.max_pending_bytes:
-            self.stats.drop("max_pending_bytes", len(conn.waiting))
+            self.stats.drop("max_pending_bytes", len(conn.waiting) - (conn.session is HELD))
             conn.waiting = None  # counted here, not again as gone with the client
             self.close(conn, reasons.NO_UPSTREAM, f"more than max_pending_bytes ({self.max_pending_bytes}) "
                                                   "waiting while no worker was ready")
@@ -258,7 +275,15 @@ class Proxy:
             held, conn.waiting, conn.waiting_bytes = conn.waiting, None, 0
             try:
                 while held and not conn.closed:
-                    self.submit(conn, held.popleft())
+                    payload = held.popleft()
+                    if payload.__class__ is Event:  # its CONNECTED, held before its messages
+                        if not self.lifecycle.release_held(payload):
+                            held.appendleft(payload)  # still no lifecycle worker: all of it waits on
+                            conn.waiting, conn.waiting_bytes = held, sum(map(len, held))
+                            self.waiting_clients[conn] = None
+                            break
+                        continue
+                    self.submit(conn, payload)
                     conn.messages_in -= 1  # counted when it first arrived
                     if conn.waiting is not None:  # held again (no candidate): keep the rest behind it
                         conn.waiting.extend(held)
@@ -267,11 +292,22 @@ class Proxy:
             except Exception:
                 self.failed(conn, "routing its held messages")
 
-    def reroute(self, batch):
-        """Route again the messages of a flat batch (a worker that left never took them); returns (routed, lost)."""
+    def reroute(self, batch, events=True):
+        """Route again the messages of a flat batch (a worker that left never took them); returns (routed, lost).
+
+        Lifecycle events in it go to another lifecycle worker, unless `events` is False (a batch that
+        may have been read: events are sent at most once)."""
         routed = lost = 0
         conns = self.conns
         for i in range(0, len(batch), 3):
+            if batch[i + 1].__class__ is Event:
+                if events:
+                    try:
+                        self.lifecycle.reroute(batch[i + 1])
+                    except Exception:
+                        FAULTS.report("lifecycle event", "routing again an event of client %s; dropped",
+                                      batch[i], logger=log)
+                continue
             conn = conns.get(batch[i])
             if conn is None or conn.closed:
                 lost += 1
@@ -393,8 +429,11 @@ class Proxy:
             up.queued = True
             self.dirty_upstreams.append(up)
 
-    def on_ready(self, link, ok, detail):
-        self.upstreams.on_ready(link, ok, detail)
+    def on_action(self, link, action, which, target, payload, groups):
+        self.lifecycle.on_action(link, action, which, target, payload, groups)
+
+    def on_ready(self, link, ok, detail, features=()):
+        self.upstreams.on_ready(link, ok, detail, features)
 
     def on_live(self, link, ok, detail):
         self.upstreams.on_live(link, ok, detail)
@@ -407,6 +446,8 @@ class Proxy:
 
     # -- upstream changes ------------------------------------------------------
     def upstream_ready(self, upstream):
+        if self.lifecycle.pending:
+            self.lifecycle.release_pending()
         if self.waiting_clients:
             self.release_waiting()
 
@@ -419,7 +460,7 @@ class Proxy:
                         "unconfirmed (at-most-once)", upstream.address, unconfirmed,
                         extra={"upstream": upstream.address})
         if resend:
-            routed = self._route_again(resend)
+            routed = self._route_again(resend, events=False)
             self.stats.redelivered += routed
             log.warning("upstream %s: sent again %d message(s) it may not have read "
                         "(redeliver_unconfirmed: at-least-once)", upstream.address, routed,
@@ -432,9 +473,9 @@ class Proxy:
         if self.paused_clients:
             self._resume_paused()
 
-    def _route_again(self, batch):
+    def _route_again(self, batch, events=True):
         """`reroute`, counting the messages of clients already gone as dropped; returns how many went."""
-        routed, lost = self.reroute(batch)
+        routed, lost = self.reroute(batch, events)
         if lost:
             self.stats.drop("client_gone", lost)
         return routed
@@ -505,17 +546,34 @@ class Proxy:
         else:
             self.close(conn, conn.close_reason)
 
-    def _flush_progress(self, conn, unread_before):
+    def _flush_progress(self, conn, unread_before, stall_reason=reasons.SLOW_CONSUMER):
         conn.linger_timer = None
         if conn.closed:
             return
         unread = conn.buffered()
         if unread and unread >= unread_before:
-            self.close(conn, reasons.SLOW_CONSUMER,
-                       f"it stopped reading after its half-close with {unread} bytes unread "
-                       f"for {self.eof_stall_timeout:g} s", reset=True)
+            self.close(conn, stall_reason,
+                       f"it stopped reading {'after its half-close' if conn.close_reason == reasons.CLIENT_CLOSED else 'while being closed'} "
+                       f"with {unread} bytes unread for {self.eof_stall_timeout:g} s", reset=True)
         else:
-            conn.linger_timer = self.reactor.call_later(self.eof_stall_timeout, self._flush_progress, conn, unread)
+            conn.linger_timer = self.reactor.call_later(self.eof_stall_timeout, self._flush_progress, conn, unread,
+                                                        stall_reason)
+
+    def close_when_flushed(self, conn, reason):
+        """Stop reading `conn` and close it cleanly (FIN) once what it was sent is written (a worker's
+        CLOSE); if its unread output makes no progress for eof_stall_timeout, reset it (same reason).
+        A client already closing keeps its first cause."""
+        if conn.closed or conn.eof:
+            return
+        conn.pause_reading()
+        self.paused_clients.pop(conn, None)
+        conn.eof = self.FLUSHING
+        conn.close_reason = reason
+        if conn.out is None and conn.wbuf is None:
+            self.close(conn, reason)
+        else:  # written at the end of this pass; closed by flushed_after_eof once all of it is out
+            conn.linger_timer = self.reactor.call_later(self.eof_stall_timeout, self._flush_progress, conn,
+                                                        conn.buffered(), reason)
 
     def flushed_after_eof(self, conn):
         if conn.eof == self.FLUSHING:
@@ -555,9 +613,17 @@ class Proxy:
         conn.idle_timer = conn.linger_timer = conn.behind_timer = None
         conn.last_upstream = conn.merge_batch = None
         if conn.waiting:
-            self.stats.drop(reason if reason == reasons.SHUTDOWN else "client_gone", len(conn.waiting))
+            held = len(conn.waiting) - (conn.session is HELD)  # a held CONNECTED is not a message
+            if held:
+                self.stats.drop(reason if reason == reasons.SHUTDOWN else "client_gone", held)
         conn.waiting = None
         self.stats.add_closed(conn, reason)
+        if conn.session is not None or reason == reasons.AUTH_FAILED:
+            try:
+                self.lifecycle.disconnected(conn, reason)
+            except Exception:
+                FAULTS.report("lifecycle event", "the DISCONNECTED of client %s; dropped", conn.uuid, logger=log)
+        self.groups.drop(conn)
         if self._verbose or reason == reasons.SLOW_CONSUMER:
             log.log(logging.WARNING if reason == reasons.SLOW_CONSUMER else logging.INFO,
                     "close %s (%s%s) after %.1f s, %d B in, %d B out%s", conn.uuid, reason,
@@ -573,10 +639,12 @@ class Proxy:
     # -- shutdown --------------------------------------------------------------
     def begin_shutdown(self, on_done):
         """Stop accepting, then close every client spread over shutdown_spread seconds, each
-        without losing what is in flight to it (see `_finish`); call `on_done()` when all are gone
-        (at the latest shutdown_spread + shutdown_grace seconds from now)."""
+        without losing what is in flight to it (see `_finish`); once all are gone (at the latest
+        shutdown_spread + shutdown_grace seconds from now) and lifecycle workers took their
+        DISCONNECTED (`Upstreams.finish_streams`), call `on_done()`. Returns how many clients it
+        closes, or None when a shutdown had already begun."""
         if self.shutting_down:
-            return
+            return None
         self.shutting_down = True
         self._on_shutdown_done = on_done
         self.listener.close()
@@ -586,7 +654,7 @@ class Proxy:
                  "more for what is in flight)", len(conns), self.shutdown_spread, self.shutdown_grace)
         if not conns:
             self.reactor.call_soon(self._shutdown_finished)
-            return
+            return 0
         random.shuffle(conns)
         count = len(conns)
         step = self.shutdown_spread / count
@@ -594,6 +662,7 @@ class Proxy:
             # Evenly spread, each with a jitter inside its own slot.
             self.reactor.call_later(step * (index + random.random()), self._shutdown_client, conn)
         self.reactor.call_later(self.shutdown_spread + self.shutdown_grace, self._shutdown_deadline)
+        return count
 
     def _shutdown_client(self, conn):
         if not conn.closed:
@@ -606,7 +675,7 @@ class Proxy:
     def _shutdown_finished(self):
         done, self._on_shutdown_done = self._on_shutdown_done, None
         if done is not None:
-            done()
+            self.upstreams.finish_streams(done)
 
     def shutdown(self):
         """Close everything now (the second SIGTERM, or after a graceful shutdown)."""
@@ -629,4 +698,5 @@ class Proxy:
             "age": round(now - conn.opened, 3),
             "active": conn.is_active(now, self.active_window),
             "tls_version": conn.tls_facts["tls_version"] if conn.tls_facts else None,
+            "groups": self.groups.groups_of(conn),
         }

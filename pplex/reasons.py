@@ -1,9 +1,11 @@
 """Why a client connection ended: the closed set of reason codes, each with its one-line meaning.
 
-The same words appear in the log line of every close, in `/stats`
-(`closes` by reason), in `/metrics` (`pplex_connections_closed_total{reason}`),
-and to workers that asked for lifecycle events (DISCONNECTED `metadata["reason"]`).
-A new code needs a line here; README's table is checked against this one.
+The one list of them: the same words appear in the log line of every close,
+in `/stats` (`closes` by reason), in `/metrics`
+(`pplex_connections_closed_total{reason}`), and to workers that asked for
+lifecycle events (DISCONNECTED `metadata["reason"]`, README "Sessions").
+A new code needs a line here and a row in README's table, which a test
+checks against this list, in this order.
 """
 CLIENT_CLOSED = "client_closed"
 CLIENT_RESET = "client_reset"

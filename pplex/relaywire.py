@@ -27,9 +27,23 @@ Kinds of version 1 (bodies):
     4 LEAVE         empty: the node is stopping; drop it from the live-node table now
     5 ADMIN_ASK     request id (4 bytes, big-endian) + JSON object {"op": ..., args}
     6 ADMIN_ANSWER  request id (4 bytes, big-endian) + JSON object (the answer)
+    16 ACTION       a worker's session action (README "Sessions"), see below
 
-Kinds 16 to 31 are kept for the sessions work (group SEND, CLOSE, JOIN, LEAVE
-and a client CLOSE). **Adding a kind needs no new version**: every record
+ACTION body (all lengths big-endian unsigned)::
+
+    0      1     action           OutputStreamRequest.Action: 0 SEND, 1 CLOSE, 2 JOIN, 3 LEAVE
+    1      1     target kind      0 client UUID, 1 broadcast set, 2 group
+    2      2     target length    n
+    4      n     target           UUID text (ASCII), the selector (1 byte), or the group name (UTF-8)
+    4+n    2     groups count     k (JOIN, LEAVE; else 0)
+    ...          k times: 2-byte length + group name (UTF-8)
+    ...          payload          the rest
+
+A SEND to a group, and a CLOSE / JOIN / LEAVE on a broadcast set or a group,
+go on `<name>.all` (every node applies it to its own clients); one on a
+client UUID goes to the owner node's subject. SEND to a UUID or a broadcast
+set keeps kinds REPLY and BROADCAST. Kinds 17 to 31 stay free for sessions.
+**Adding a kind needs no new version**: every record
 says its length, so a node skips kinds it does not know (and counts them), and
 older nodes go on working beside newer ones. A change to the header or to an
 existing kind's body needs version 2, which older nodes drop whole.
@@ -52,10 +66,16 @@ RECORD_HEADER_SIZE = RECORD.size   # 5
 UUID_TEXT_BYTES = 36
 
 BROADCAST, REPLY, HEARTBEAT, LEAVE, ADMIN_ASK, ADMIN_ANSWER = 1, 2, 3, 4, 5, 6
+ACTION = 16
 KIND_NAMES = {BROADCAST: "broadcast", REPLY: "reply", HEARTBEAT: "heartbeat", LEAVE: "leave",
-              ADMIN_ASK: "admin_ask", ADMIN_ANSWER: "admin_answer"}
-# Kept for the sessions work (issue 11): group SEND, CLOSE, JOIN, LEAVE, client CLOSE.
-RESERVED_KINDS = range(16, 32)
+              ADMIN_ASK: "admin_ask", ADMIN_ANSWER: "admin_answer", ACTION: "action"}
+# Kept for the session extension (README "Sessions"); ACTION is the first.
+RESERVED_KINDS = range(17, 32)
+# ACTION target kinds, by the name of the OutputStreamRequest target field.
+TARGET_KINDS = {"client_uuid": 0, "broadcast": 1, "group": 2}
+TARGET_NAMES = {code: name for name, code in TARGET_KINDS.items()}
+LENGTH = struct.Struct(">H")
+ACTION_HEAD = struct.Struct(">BBH")
 
 _SELECTOR_BYTES = tuple(bytes([i]) for i in range(256))
 
@@ -84,6 +104,61 @@ def broadcast(selector, payload):
 def reply(client_uuid, payload):
     encoded = client_uuid.encode("ascii")
     return b"".join((RECORD.pack(REPLY, len(encoded) + len(payload)), encoded, payload))
+
+
+def action(action_code, which, target, payload, groups=()):
+    """An ACTION record: `which` is the target field's name, `target` its value (str, or an int selector
+    for a broadcast set); raises ValueError for a name or count over 65535 (the caller counts it)."""
+    if which == "broadcast":
+        target_bytes = _SELECTOR_BYTES[target]
+    else:
+        target_bytes = target.encode("ascii" if which == "client_uuid" else "utf-8")
+    parts = [ACTION_HEAD.pack(action_code, TARGET_KINDS[which], len(target_bytes)), target_bytes,
+             LENGTH.pack(len(groups))]
+    for name in groups:
+        encoded = name.encode("utf-8")
+        parts.append(LENGTH.pack(len(encoded)))
+        parts.append(encoded)
+    parts.append(payload)
+    return record(ACTION, *parts)
+
+
+def split_action(body):
+    """(action, target field name, target, payload bytes, [group names]) of an ACTION body; raises BadFrame."""
+    end = len(body)
+    if end < ACTION_HEAD.size:
+        raise BadFrame("action record shorter than its header")
+    action_code, kind, size = ACTION_HEAD.unpack_from(body, 0)
+    which = TARGET_NAMES.get(kind)
+    if which is None:
+        raise BadFrame(f"action record with target kind {kind}")
+    at = ACTION_HEAD.size
+    if at + size + LENGTH.size > end:
+        raise BadFrame("action record target runs past its end")
+    raw = bytes(body[at:at + size])
+    at += size
+    try:
+        if which == "broadcast":
+            if size != 1:
+                raise BadFrame("action record with a broadcast selector that is not 1 byte")
+            target = raw[0]
+        else:
+            target = raw.decode("ascii" if which == "client_uuid" else "utf-8")
+        count, = LENGTH.unpack_from(body, at)
+        at += LENGTH.size
+        groups = []
+        for _ in range(count):
+            if at + LENGTH.size > end:
+                raise BadFrame("action record group names run past its end")
+            size, = LENGTH.unpack_from(body, at)
+            at += LENGTH.size
+            if at + size > end:
+                raise BadFrame("action record group name runs past its end")
+            groups.append(bytes(body[at:at + size]).decode("utf-8"))
+            at += size
+    except UnicodeDecodeError:
+        raise BadFrame("action record with a name that is not UTF-8") from None
+    return action_code, which, target, bytes(body[at:]), groups
 
 
 def with_request_id(kind, request_id, body):

@@ -3,8 +3,8 @@
 What the proxy core uses to send lifecycle events and apply group actions
 (README, "Sessions"):
 
-- `REASONS`: every DISCONNECTED reason, as documented (add one only with its
-  README line).
+- the DISCONNECTED reasons are `pplex.reasons` (one list for logs, stats and
+  workers);
 - `connected_metadata(...)`: the CONNECTED metadata map (all values strings).
 - `Groups`: which clients are in which group, both ways, with the limits a
   worker cannot exceed (names per client, name length, groups in all); an
@@ -13,37 +13,29 @@ What the proxy core uses to send lifecycle events and apply group actions
 Members are opaque hashable objects (the proxy's connections); nothing here
 knows sockets or streams.
 """
-CLIENT_CLOSED = "client_closed"
-CLIENT_RESET = "client_reset"
-IDLE_TIMEOUT = "idle_timeout"
-SLOW_CONSUMER = "slow_consumer"
-PROTOCOL_ERROR = "protocol_error"
-AUTH_FAILED = "auth_failed"
-CLOSED_BY_WORKER = "closed_by_worker"
-CLOSED_BY_ADMIN = "closed_by_admin"
-SHUTDOWN = "shutdown"
-INTERNAL_ERROR = "internal_error"
-REASONS = (CLIENT_CLOSED, CLIENT_RESET, IDLE_TIMEOUT, SLOW_CONSUMER, PROTOCOL_ERROR, AUTH_FAILED,
-           CLOSED_BY_WORKER, CLOSED_BY_ADMIN, SHUTDOWN, INTERNAL_ERROR)
+import itertools
+
+from pplex import limits
 
 LIFECYCLE = "lifecycle"        # the ReadyResult.features word
 NODE_HEADER = "pplex-node"     # request metadata of every data stream: this instance's id
 
-# Defaults for the group limits (the core declares them as settings in limits.py).
-MAX_GROUPS_PER_CLIENT = 64
-MAX_GROUP_NAME_BYTES = 256
-MAX_GROUPS = 1_000_000
+
+def _text(value):
+    """A metadata value as a string protobuf accepts (valid UTF-8: a lone surrogate becomes "?")."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")
 
 
 def connected_metadata(remote, local, node, proxy=None, tls=None):
     """CONNECTED metadata: `remote` / `local` are (address, port) pairs, `node` this instance's id;
-    `proxy` a dict of proxy_* facts (`proxyproto.Header.metadata()`), `tls` a dict of tls_* facts."""
+    `proxy` a dict of proxy_* facts (`proxyproto.Header.metadata()`), `tls` a dict of tls_* facts.
+    Facts from outside (PROXY TLVs, certificate subjects) are made valid UTF-8 strings."""
     meta = {"remote_addr": str(remote[0]), "remote_port": str(remote[1]),
             "local_addr": str(local[0]), "local_port": str(local[1]), "node": node}
-    if proxy:
-        meta.update(proxy)
-    if tls:
-        meta.update(tls)
+    for facts in (proxy, tls):
+        if facts:
+            for key, value in facts.items():
+                meta[_text(key)] = _text(value)
     return meta
 
 
@@ -55,8 +47,8 @@ class Groups:
     `drop` when it goes. Empty groups are forgotten.
     """
 
-    def __init__(self, max_per_client=MAX_GROUPS_PER_CLIENT, max_name_bytes=MAX_GROUP_NAME_BYTES,
-                 max_groups=MAX_GROUPS):
+    def __init__(self, max_per_client=limits.MAX_GROUPS_PER_CLIENT.default,
+                 max_name_bytes=limits.MAX_GROUP_NAME_BYTES.default, max_groups=limits.MAX_GROUPS.default):
         self.max_per_client = max_per_client
         self.max_name_bytes = max_name_bytes
         self.max_groups = max_groups
@@ -126,8 +118,22 @@ class Groups:
         return sorted(self._of.get(member, ()))
 
     def listing(self):
-        """[(name, members count)], sorted by name: for GET /groups."""
+        """[(name, members count)], sorted by name."""
         return sorted((name, len(members)) for name, members in self._members.items())
+
+    def page(self, offset=0, limit=100, query=""):
+        """(groups matched, [(name, members count)]) for GET /groups: at most `limit` from `offset`, in the
+        order groups were made (no sort: a page costs its size, not the number of groups); `query`: only
+        names containing it (then every name is looked at)."""
+        if query:
+            names = [name for name in self._members if query in name]
+            matched, shown = len(names), names[offset:offset + limit]
+        else:
+            matched, shown = len(self._members), itertools.islice(self._members, offset, offset + limit)
+        return matched, [(name, len(self._members[name])) for name in shown]
+
+    def __contains__(self, member):
+        return member in self._of
 
     def __len__(self):
         return len(self._members)

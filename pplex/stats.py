@@ -27,6 +27,8 @@ class Stats:
         self.drops = {}
         self.closes = {}   # reason code -> connections closed for it
         self.front_door = {}   # kind (pplex.frontdoor) -> clients closed before they were open
+        self.events = [0, 0, 0]   # lifecycle events queued for workers, by kind (1 CONNECTED, 2 DISCONNECTED)
+        self.actions = {}  # worker actions applied, by name (send to a group, close, join, leave)
         self._unknown_logged_at = 0.0
         self._unknown_since_log = 0
 
@@ -65,6 +67,8 @@ class Stats:
             "redelivered": self.redelivered, "unconfirmed": self.unconfirmed,
             "backpressure_episodes": self.backpressure_episodes,
             "drops": dict(self.drops), "closes": dict(self.closes), "front_door": dict(self.front_door),
+            "lifecycle_events": {"connected": self.events[1], "disconnected": self.events[2]},
+            "actions": dict(self.actions),
             "uptime_seconds": round(time.time() - self.started, 3),
         }
         if extra:

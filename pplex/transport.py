@@ -10,11 +10,42 @@ directly. Nothing here assumes threads or queues.
 
 Messages travel in batches: a batch is a flat list
 `[client_uuid, payload, time, client_uuid, payload, time, ...]`, so that
-building one costs three appends per message and no tuple.
+building one costs three appends per message and no tuple. A payload is
+bytes (or a bytearray of merged raw reads), or an `Event`: a lifecycle input
+(CONNECTED, DISCONNECTED) for a worker that announced "lifecycle". A link
+tells them apart by the payload's class, so a message costs no extra test.
 """
 
 # How a data stream the worker ended with status OK is reported (`LinkEvents.on_stream_closed`).
 CLEAN_END = "worker ended the data stream"
+
+
+class Event:
+    """A lifecycle input in a batch's payload slot (README, "Sessions").
+
+    `kind`: `CONNECTED` (1) or `DISCONNECTED` (2), `InputStreamRequest.Kind`;
+    `metadata`: dict of str to str (the CONNECTED facts, or {"reason": code});
+    `conn`: the client it is about (to route it again if its worker leaves);
+    `wire`: its encoded protobuf fields 4 and 5, made once by the h2 transport
+    (`pplex.grpcwire`), None until then. `len()` is 0: an event carries no
+    payload bytes, so batch byte counts stay those of messages.
+    """
+
+    __slots__ = ("kind", "metadata", "conn", "wire")
+    CONNECTED = 1
+    DISCONNECTED = 2
+
+    def __init__(self, kind, metadata, conn=None):
+        self.kind = kind
+        self.metadata = metadata
+        self.conn = conn
+        self.wire = None
+
+    def __len__(self):
+        return 0
+
+    def __repr__(self):
+        return f"<Event {('CONNECTED', 'DISCONNECTED')[self.kind - 1]} {self.metadata}>"
 
 
 class Link:
@@ -110,8 +141,10 @@ class Link:
 class LinkEvents:
     """What a link reports, always on the reactor thread."""
 
-    def on_ready(self, link, ok, detail):
-        """The answer to `probe_ready`: ok is True only for an answer `ready=true`."""
+    def on_ready(self, link, ok, detail, features=()):
+        """The answer to `probe_ready`: ok is True only for an answer `ready=true`; `features`: the
+        answer's `ReadyResult.features` (strings; e.g. "lifecycle"), empty when it gave none or failed.
+        A link written before features existed calls it with three arguments: that means none."""
 
     def on_stream_closed(self, link, detail):
         """The data stream ended by itself (not by `stop_stream`); `detail` says how."""
@@ -124,6 +157,15 @@ class LinkEvents:
 
     def on_broadcast(self, link, kind, payload):
         """The worker sent payload to a set of clients (a BROADCAST_* value)."""
+
+    def on_action(self, link, action, which, target, payload, groups):
+        """A worker message beyond the base contract: an `OutputStreamRequest.Action` other than SEND
+        (CLOSE 1, JOIN 2, LEAVE 3), or any action on a group.
+
+        `which` names the target field set ("client_uuid", "broadcast" or "group") and `target` is
+        its value (str, a BROADCAST_* int, str); `payload` bytes; `groups` the names for JOIN and
+        LEAVE (a sequence of str). A SEND to a client or a broadcast set is `on_reply` /
+        `on_broadcast`, as in the base contract."""
 
     def on_bad_message(self, link, reason):
         """The worker sent a message pplex cannot deliver (no target, unknown broadcast)."""

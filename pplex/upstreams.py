@@ -23,7 +23,7 @@ logged and handled as that worker failing, never as the proxy failing.
 import logging
 import random
 
-from pplex import limits
+from pplex import limits, sessions
 from pplex.errors import DuplicateUpstream
 from pplex.health import Health, State
 from pplex.logs import FAULTS, RateLimited
@@ -43,7 +43,7 @@ class Upstream:
         "merge_limit", "stall_timeout", "drain_timeout", "state", "link", "health",
         "batch", "batch_bytes", "blocked", "queued", "streaming", "routed",
         "last_error", "failures", "retry_timer", "live_timer", "stall_timer", "drain_timer",
-        "stall_progress", "stall_since", "drain_then", "ever_ready", "removed",
+        "stall_progress", "stall_since", "drain_then", "ever_ready", "removed", "lifecycle",
         "__weakref__",
     )
 
@@ -80,6 +80,7 @@ class Upstream:
         self.drain_then = None    # after a drain: "remove" (admin) or "probe" (GOAWAY)
         self.ever_ready = False
         self.removed = False
+        self.lifecycle = False    # its latest ready answer announced "lifecycle" (README, Sessions)
 
     @property
     def address(self):
@@ -95,6 +96,7 @@ class Upstream:
             "state": str(self.state), "alive_timeout": self.alive_timeout,
             "ready_timeout": self.ready_timeout, "max_message_bytes": self.max_message_bytes,
             "messages_routed": self.routed, "last_error": self.last_error, "tls": self.tls,
+            "lifecycle": self.lifecycle,
             "ejections": health.ejections_total, "ejections_in_a_row": health.ejections,
             "queued_bytes": self.batch_bytes,
             "live_rtt_seconds": getattr(self.link, "live_seconds", None),
@@ -118,6 +120,13 @@ class Upstreams:
         self.by_link = {}
         # The routing candidates, changed in place so plugins may hold a reference.
         self.ready = []
+        # Those of them that announced "lifecycle": where CONNECTED / DISCONNECTED may go.
+        self.lifecycle_ready = []
+        # Some registered worker announced "lifecycle" in its latest ready answer: clients get events
+        # (waiting for such a worker when none is ready).
+        self.lifecycle_known = False
+        self.stopping = False     # pplex is stopping: streams that end are let go quietly
+        self._finishing = None    # finish_streams' state while it waits
         self.replies_paused = False
         self._next_id = 1
         self._notify_added = notify_added
@@ -168,6 +177,8 @@ class Upstreams:
         self._link_call(upstream, "close", upstream.link.close)
         log.info("upstream %s %s removed (%s)", upstream.id, upstream.address, reason,
                  extra={"upstream": upstream.address})
+        if upstream.lifecycle:
+            self._lifecycle_changed()
         return upstream
 
     def drain(self, upstream_id):
@@ -188,6 +199,11 @@ class Upstreams:
             self._cancel_timers(upstream)
             self._link_call(upstream, "close", upstream.link.close)
         self.ready.clear()
+        self.lifecycle_ready.clear()
+        if self._finishing is not None:
+            if self._finishing[4] is not None:
+                self._finishing[4].cancel()
+            self._finishing = None
 
     # -- calls into links: fault boundaries ------------------------------------
     def _link_call(self, upstream, what, fn, *args):
@@ -223,10 +239,17 @@ class Upstreams:
             upstream.retry_timer.cancel()
         upstream.retry_timer = self.reactor.call_later(delay, self._probe, upstream)
 
-    def on_ready(self, link, ok, detail):
+    def on_ready(self, link, ok, detail, features=()):
         upstream = self.by_link.get(link)
         if upstream is None or upstream.state in (State.READY, State.DRAINING) or upstream.removed:
             return
+        if ok:
+            lifecycle = sessions.LIFECYCLE in features  # other words are for other versions: ignored
+            if lifecycle != upstream.lifecycle:
+                upstream.lifecycle = lifecycle
+                log.info("upstream %s %s %s lifecycle events", upstream.id, upstream.address,
+                         "asks for" if lifecycle else "no longer asks for", extra={"upstream": upstream.address})
+                self._lifecycle_changed()
         health = upstream.health
         if not health.ready_answer(ok):
             if upstream.state is State.CONNECTING:  # its first probes: each one is news
@@ -269,6 +292,8 @@ class Upstreams:
         upstream.stall_progress = link.progress()
         upstream.stall_since = now
         self.ready.append(upstream)
+        if upstream.lifecycle:
+            self.lifecycle_ready.append(upstream)
         self._arm_live(upstream)
         self._arm_stall_check(upstream)
         log.info("upstream %s %s ready", upstream.id, upstream.address, extra={"upstream": upstream.address})
@@ -327,6 +352,11 @@ class Upstreams:
         upstream = self.by_link.get(link)
         if upstream is None:
             return
+        if self.stopping and upstream.state in (State.READY, State.DRAINING):
+            upstream.state = State.UNREADY  # the end finish_streams waits for: no alarm, no retry
+            self._leave_rotation(upstream, f"pplex is stopping ({detail})")
+            self._finish_check()
+            return
         if upstream.state is State.DRAINING:
             if detail == CLEAN_END:
                 self._end_drain(upstream, "it ended its stream")
@@ -371,8 +401,7 @@ class Upstreams:
         self._retry_later(upstream, at_least=out_for)
 
     def _start_drain(self, upstream, then, why):
-        if upstream in self.ready:
-            self.ready.remove(upstream)
+        self._out_of_ready(upstream)
         upstream.state = State.DRAINING
         upstream.drain_then = then
         upstream.health.left()
@@ -416,8 +445,7 @@ class Upstreams:
 
         State is committed first, so a plugin or event that raises later leaves no half-made transition.
         """
-        if upstream in self.ready:
-            self.ready.remove(upstream)
+        self._out_of_ready(upstream)
         self._cancel_timer(upstream, "live_timer")
         self._cancel_timer(upstream, "stall_timer")
         if not upstream.streaming:
@@ -437,6 +465,54 @@ class Upstreams:
         if self._notify_lost:
             self._notify_lost(upstream, reason)
         self.proxy.upstream_lost(upstream, unsent, unconfirmed, resend)
+
+    def _out_of_ready(self, upstream):
+        if upstream in self.ready:
+            self.ready.remove(upstream)
+        if upstream in self.lifecycle_ready:
+            self.lifecycle_ready.remove(upstream)
+
+    def _lifecycle_changed(self):
+        self.lifecycle_known = any(u.lifecycle for u in self.by_id.values())
+
+    # -- stopping: the last lifecycle events reach their workers ------------------------
+    def finish_streams(self, on_done, timeout=limits.EVENTS_FLUSH_SECONDS):
+        """pplex is stopping and its clients are gone: let each lifecycle worker's data stream take
+        the events queued for it (their DISCONNECTED), half-close it once it took them all, and call
+        `on_done()` when every such stream ended, or after `timeout` seconds. Other workers' streams
+        are not waited for (they are cut when the links close)."""
+        waiting = {u for u in self.by_id.values() if u.streaming and u.lifecycle}
+        if not waiting:
+            on_done()
+            return
+        self.stopping = True
+        # [streams waiting, streams half-closed, on_done, deadline, check timer]
+        self._finishing = [waiting, set(), on_done, self.reactor.clock() + timeout, None]
+        log.info("waiting up to %g s for %d lifecycle worker(s) to take their last events", timeout, len(waiting))
+        self._finish_check()
+
+    def _finish_check(self):
+        if self._finishing is None:
+            return
+        waiting, half_closed, on_done, deadline, timer = self._finishing
+        if timer is not None:
+            timer.cancel()
+            self._finishing[4] = None
+        for upstream in list(waiting):
+            if not upstream.streaming:
+                waiting.discard(upstream)
+            elif upstream not in half_closed and not upstream.batch:
+                # Every event is handed to the link: it writes them, then ends its side.
+                half_closed.add(upstream)
+                self._link_call(upstream, "close_send", upstream.link.close_send)
+        if waiting and self.reactor.clock() < deadline:
+            self._finishing[4] = self.reactor.call_later(limits.EVENTS_FLUSH_CHECK_SECONDS, self._finish_check)
+            return
+        self._finishing = None
+        if waiting:
+            log.warning("%d lifecycle worker(s) did not end their stream within %g s: their last events "
+                        "may be lost", len(waiting), limits.EVENTS_FLUSH_SECONDS)
+        on_done()
 
     def _cancel_timer(self, upstream, name):
         timer = getattr(upstream, name)

@@ -12,7 +12,7 @@ import os
 
 import bottle
 
-from pplex import __version__
+from pplex import __version__, node
 from pplex.connection import format_peer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +61,7 @@ def describe_instance(app_state, uptime_seconds):
         "version": __version__,
         "transport": config["transport"],
         "uptime_seconds": round(uptime_seconds, 1),
-        "node": getattr(app_state, "node_id", None),
+        "node": node.current.id,
         "listen": format_peer(app_state.listen_address) if app_state.listen_address else None,
         "admin": format_peer(app_state.admin_address) if app_state.admin_address else None,
         "plugins": [{"name": name, "slot": slot_of.get(name)} for name in plugins.names()],

@@ -120,25 +120,23 @@ def test_broken_go_worker_fails_exactly_its_scenarios(mode, failing, words, tmp_
             assert row["reason"].startswith(("not run:", "needs an echo worker", "needs a lifecycle worker")), row
 
 
-def test_session_scenarios_run_against_the_go_sessions_worker_and_never_blame_it(tmp_path):
-    """The Go worker's --mode sessions answers the session commands, so the session scenarios check pplex
-    through it. Until pplex sends lifecycle events (issue 11, phase 2) they fail, always blaming pplex."""
-    report = run(go_command("sessions"), tmp_path, scenarios=sorted(LIFECYCLE), echo="no")
+def test_go_sessions_worker_passes_everything_but_the_echo_checks(tmp_path):
+    """The Go worker's --mode sessions answers the session commands, so the session scenarios check
+    pplex's lifecycle events, CLOSE and groups through a non-Python worker."""
+    report = run(go_command("sessions"), tmp_path, echo="no")
     assert report["worker"]["features"] == ["lifecycle"]
     assert report["worker"]["session_commands"] is True, explain(report)
-    for row in report["scenarios"]:
-        assert row["result"] in ("PASS", "FAIL"), row
-        assert row["subject"] == "worker+pplex", row
-        if row["result"] == "FAIL":
-            assert row["reason"].startswith("pplex:"), row
-
-
-@pytest.mark.xfail(strict=True, reason="issue 11 phase 2: pplex does not send lifecycle events nor apply "
-                                       "CLOSE / JOIN / LEAVE / group targets yet")
-def test_go_sessions_worker_passes_everything_but_the_echo_checks(tmp_path):
-    report = run(go_command("sessions"), tmp_path, echo="no")
     assert by_result(report, "FAIL") == set(), explain(report)
     assert by_result(report, "SKIP") == ECHO_ONLY, explain(report)
+    for name in LIFECYCLE:
+        assert scenario(report, name)["subject"] == "worker+pplex", scenario(report, name)
+
+
+def test_session_scenarios_pass_on_the_h2_transport(tmp_path):
+    """The events ride in h2's hand-encoded batches and the actions are parsed by its fast path."""
+    report = run(go_command("sessions"), tmp_path, "h2", scenarios=sorted(LIFECYCLE), echo="no")
+    assert report["pplex_transport"] == "h2"
+    assert by_result(report, "PASS") == LIFECYCLE, explain(report)
 
 
 def test_command_line_exit_status_table_and_report(tmp_path):

@@ -199,6 +199,7 @@ def test_page_files_info_and_connection_search_routes(start_pplex, start_worker)
     assert pplex.admin("GET", "/dashboard/../admin.py")[0] == 404
     status, info = pplex.admin("GET", "/info")
     assert status == 200 and info["transport"] == "h2" and info["version"]
+    assert info["node"] == pplex.stats()["node"]  # this process's node id, as /stats says
     assert info["uptime_seconds"] >= 0 and info["listen"] == f"127.0.0.1:{pplex.port}"
     assert {"name": "framing_line", "slot": "framing"} in info["plugins"]
     clients = [pplex.client() for _ in range(3)]

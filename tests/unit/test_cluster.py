@@ -32,8 +32,11 @@ class FakeBroker:
 
 class FakeProxy:
     def __init__(self):
-        self.broadcasts, self.replies = [], []
+        self.broadcasts, self.replies, self.actions = [], [], []
         self.fail = False
+
+    def on_action(self, link, action, which, target, payload, groups):
+        self.actions.append((link, action, which, target, payload, groups))
 
     def on_broadcast(self, link, kind, payload):
         if self.fail:
@@ -89,6 +92,25 @@ def test_replies_go_straight_to_the_owner_node_only_when_it_is_alive(cluster):
     [(subject, frame, _)] = cluster.broker.published
     assert subject == f"game.node.{other.tag}"
     assert [relaywire.split_reply(body) for _, body in relaywire.records(frame)] == [(their_uuid, b"x")]
+
+
+def test_actions_on_sets_go_to_every_node_and_on_a_client_to_its_owner(cluster):
+    other = Node("other")
+    their_uuid = other.uuid_maker()()
+    assert cluster.relay_action("link", 0, "group", "room", b"hi", []) is True
+    assert cluster.relay_action("link", 1, "client_uuid", their_uuid, b"bye", []) is False  # not alive yet
+    cluster.on_frames([peer_frame("other", heartbeat("other"))])
+    assert cluster.relay_action("link", 2, "client_uuid", their_uuid, b"", ["red"]) is True
+    assert cluster.relay_action("link", 1, "client_uuid", cluster.node.uuid_maker()(), b"", []) is False  # ours
+    assert cluster.relay_action(RELAY, 1, "group", "room", b"", []) is False  # never bounced on
+    cluster._end_of_pass()
+    published = {subject: [relaywire.split_action(body) for _, body in relaywire.records(frame)]
+                 for subject, frame, _ in cluster.broker.published}
+    assert published == {"game.all": [(0, "group", "room", b"hi", [])],
+                         f"game.node.{other.tag}": [(2, "client_uuid", their_uuid, b"", ["red"])]}
+    cluster.on_frames([peer_frame("other", relaywire.action(3, "broadcast", 1, b"", ["g"]))])
+    assert cluster.proxy.actions == [(RELAY, 3, "broadcast", 1, b"", ["g"])]
+    assert cluster.snapshot()["relayed_in"] == {"action": 1}
 
 
 def test_while_the_broker_is_down_relays_are_counted_not_queued(cluster):

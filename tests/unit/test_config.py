@@ -13,7 +13,8 @@ def test_defaults_fill_every_section_from_the_limits_table():
     config = validate({})
     server_settings = {s.key: s.default for s in limits.SETTINGS if s.section == "server"}
     assert config["server"] == {"host": "0.0.0.0", "port": 7999, "redeliver_unconfirmed": False,
-                                "proxy_protocol": "off", "proxy_protocol_from": [], **server_settings}
+                                "proxy_protocol": "off", "proxy_protocol_from": [], "lifecycle": "routed",
+                                **server_settings}
     assert config["server"]["max_connections"] == 100000 and config["server"]["idle_timeout"] == 0
     assert config["server"]["processes"] == 1
     assert config["management_server"] == {"host": "127.0.0.1", "port": 8000, "max_body_bytes": 65536,

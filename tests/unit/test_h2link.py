@@ -26,7 +26,7 @@ from pplex.grpcwire import (FrameScanner, FramingError, MessageReader, call_outc
 from pplex import h2link
 from pplex.h2link import DATA_PATH, LIVE_PATH, READY_PATH, H2Link
 from pplex.reactor import Reactor
-from pplex.transport import LinkEvents
+from pplex.transport import Event, LinkEvents
 from tests.helpers import free_port
 
 Out = upstream_pb2.OutputStreamRequest
@@ -93,6 +93,27 @@ def test_encode_batch_is_the_library_encoding_framed_with_message_ends():
     assert ends[-1] == len(wire) and len(ends) == 5
     assert wire[:ends[0]] == frame_message(expected[0])
     assert b"".join(frame_message(body) for body in expected) == wire
+
+
+def test_encode_batch_writes_lifecycle_events_as_the_library_does():
+    """Kind (4) and metadata (5, a map: entries {key 1, value 2}) by hand, byte for byte what protobuf's
+    deterministic serializer writes; messages around them are unchanged."""
+    connected = Event(Event.CONNECTED, {"remote_addr": "::1", "remote_port": "5", "node": "n-1",
+                                        "empty": "", "proxy_authority": "\u00e9" * 100})
+    gone = Event(Event.DISCONNECTED, {"reason": "shutdown"})
+    batch = ["u1", connected, "t1", "u1", b"hello", "t1", "u2", connected, "t2", "u1", gone, "t2",
+             "u3", b"", "t2"]
+    wire, ends = encode_batch(batch)
+    make = upstream_pb2.InputStreamRequest
+    expected = [make(client_uuid="u1", time="t1", kind=1, metadata=connected.metadata),
+                make(client_uuid="u1", time="t1", payload=b"hello"),
+                make(client_uuid="u2", time="t2", kind=1, metadata=connected.metadata),
+                make(client_uuid="u1", time="t2", kind=2, metadata={"reason": "shutdown"}),
+                make(client_uuid="u3", time="t2")]
+    assert MessageReader().feed(wire) == [m.SerializeToString(deterministic=True) for m in expected]
+    assert [make.FromString(raw) for raw in MessageReader().feed(wire)] == expected
+    assert len(ends) == 5 and ends[-1] == len(wire)
+    assert connected.wire is not None  # encoded once, however many batches carry it
 
 
 def test_encode_batch_keeps_no_memory_per_message():
@@ -207,8 +228,10 @@ class ScriptedWorker:
     streams get response headers at once.
     """
 
-    def __init__(self, on_message=None, settings=None, ready=True, answer_ready=True, acknowledge=True):
+    def __init__(self, on_message=None, settings=None, ready=True, answer_ready=True, acknowledge=True,
+                 features=()):
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.features = features  # ReadyResult.features
         self.port = self.listener.getsockname()[1]
         self.on_message = on_message
         self.settings = settings
@@ -286,7 +309,7 @@ class ScriptedWorker:
     def _message(self, sid, path, body):
         if path == READY_PATH:
             if self.answer_ready:
-                self.respond(sid, [upstream_pb2.ReadyResult(time="t", ready=self.ready)])
+                self.respond(sid, [upstream_pb2.ReadyResult(time="t", ready=self.ready, features=self.features)])
                 self.trailers(sid, 0)
         elif path == LIVE_PATH:
             self.send(sid, frame_message(upstream_pb2.LiveResult(time="t", live=True).SerializeToString()))
@@ -347,8 +370,9 @@ class Recorder(LinkEvents):
         assert not self.in_offer, f"{item[0]} reported from inside offer()"
         self.log.append(item)
 
-    def on_ready(self, link, ok, detail):
+    def on_ready(self, link, ok, detail, features=()):
         self._add("ready", ok, detail)
+        self.features = features
 
     def on_stream_closed(self, link, detail):
         self._add("closed", detail)
@@ -364,6 +388,9 @@ class Recorder(LinkEvents):
 
     def on_bad_message(self, link, reason):
         self._add("bad", reason)
+
+    def on_action(self, link, action, which, target, payload, groups):
+        self._add("action", action, which, target, payload, list(groups))
 
     def on_live(self, link, ok, detail):
         self._add("live", ok, detail)
@@ -543,6 +570,37 @@ def test_stop_stream_hands_back_the_unconfirmed_ones_when_asked_to_keep_them(set
     unsent, unconfirmed, resend = link.stop_stream()
     assert unconfirmed == 0 and len(resend) // 3 + len(unsent) // 3 == 100
     assert resend + unsent == batch  # every message once, in order: written-unconfirmed, then unsent
+
+
+def test_features_lifecycle_events_and_session_actions(setup):
+    """The ready answer's features reach the core; events go out as kind + metadata; a worker's
+    actions come back as on_action, while SEND to a client or a set stays on_reply / on_broadcast."""
+    def script(worker, sid, path, body):
+        request = upstream_pb2.InputStreamRequest.FromString(body)
+        if request.kind != request.CONNECTED:
+            return
+        worker.respond(sid, [Out(client_uuid=request.client_uuid, action=Out.CLOSE, payload=b"bye"),
+                             Out(group="room", payload=b"to the room"),
+                             Out(broadcast=Out.BROADCAST_ACTIVE, action=Out.JOIN, groups=["g1", "g2"]),
+                             Out(group="room", action=Out.LEAVE, groups=["room"]),
+                             Out(client_uuid=request.client_uuid, payload=b"plain"),
+                             Out(broadcast=Out.BROADCAST_ALL, payload=b"everyone")], headers=False)
+
+    worker, reactor, link, events = setup(on_message=script, features=["lifecycle", "from-the-future"])
+    make_ready(reactor, link, events)
+    assert events.features == ("lifecycle", "from-the-future")
+    connected = Event(Event.CONNECTED, {"remote_addr": "127.0.0.1", "node": "n"})
+    assert offer(link, events, ["c1", connected, "t", "c1", b"hello", "t"]) is True
+    run_until(reactor, lambda: len(events.log) >= 7)
+    assert [m.kind for m in worker.data_bodies()] == [1, 0]
+    assert dict(worker.data_bodies()[0].metadata) == connected.metadata
+    assert events.log[1:] == [
+        ("action", Out.CLOSE, "client_uuid", "c1", b"bye", []),
+        ("action", Out.SEND, "group", "room", b"to the room", []),
+        ("action", Out.JOIN, "broadcast", Out.BROADCAST_ACTIVE, b"", ["g1", "g2"]),
+        ("action", Out.LEAVE, "group", "room", b"", ["room"]),
+        ("reply", "c1", b"plain"),
+        ("broadcast", Out.BROADCAST_ALL, b"everyone")]
 
 
 def test_ready_false_and_trailers_only_error_and_deadline(setup):

@@ -27,10 +27,43 @@ def test_records_round_trip():
 
 
 def test_a_kind_this_node_does_not_know_is_skipped_by_its_length():
-    # What a newer node (the sessions work's kinds 16..31) sends must not break an older one.
+    # What a newer node (kinds 17..31 are kept for sessions) sends must not break an older one.
     data = frame(relaywire.record(17, b"group-send body"), relaywire.broadcast(0, b"after"))
     kinds = [(kind, bytes(body)) for kind, body in relaywire.records(data)]
     assert kinds == [(17, b"group-send body"), (relaywire.BROADCAST, b"\x00after")]
+
+
+@pytest.mark.parametrize("action, which, target, payload, groups", [
+    (0, "group", "room \u00e9", b"to the room", []),
+    (1, "broadcast", 2, b"", []),
+    (2, "client_uuid", UUID, b"", ["red", "blue"]),
+    (3, "group", "g", b"\x00\xff", ["x" * 300]),
+])
+def test_actions_round_trip(action, which, target, payload, groups):
+    data = frame(relaywire.action(action, which, target, payload, groups), relaywire.broadcast(0, b"after"))
+    (kind, body), (after, _) = relaywire.records(data)
+    assert kind == relaywire.ACTION == 16 and after == relaywire.BROADCAST
+    assert relaywire.split_action(body) == (action, which, target, payload, groups)
+
+
+def test_action_layout_is_fixed():
+    assert relaywire.action(1, "group", "g", b"bye", ["a"]) == (
+        b"\x10\x00\x00\x00\x0d" b"\x01\x02\x00\x01g" b"\x00\x01\x00\x01a" b"bye")
+
+
+def test_torn_or_hostile_actions_raise_bad_frame():
+    whole = relaywire.action(2, "client_uuid", UUID, b"p", ["red", "blue"])[relaywire.RECORD_HEADER_SIZE:]
+    for cut in range(0, len(whole) - 2):  # a cut inside a name or count (the payload may be empty)
+        try:
+            relaywire.split_action(whole[:cut])
+        except relaywire.BadFrame:
+            continue
+        assert cut >= len(whole) - 1
+    for body, reason in ((b"\x00\x07\x00\x00\x00\x00", "target kind 7"),
+                         (b"\x00\x02\x00\x01\xff\x00\x00", "not UTF-8"),
+                         (b"\x00\x01\x00\x02ab\x00\x00", "not 1 byte")):
+        with pytest.raises(relaywire.BadFrame, match=reason):
+            relaywire.split_action(body)
 
 
 def test_header_layout_is_fixed():
@@ -68,5 +101,7 @@ def test_random_bytes_never_raise_anything_but_bad_frame():
                     relaywire.split_reply(body)
                 elif kind == relaywire.BROADCAST:
                     relaywire.split_broadcast(body)
+                elif kind == relaywire.ACTION:
+                    relaywire.split_action(body)
         except relaywire.BadFrame:
             pass

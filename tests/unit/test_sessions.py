@@ -1,7 +1,8 @@
-"""pplex/sessions.py: the reasons as documented, CONNECTED metadata, and group bookkeeping with limits."""
+"""pplex/sessions.py and pplex/reasons.py: the reasons as documented, CONNECTED metadata, and group
+bookkeeping with limits."""
 import re
 
-from pplex import sessions
+from pplex import reasons, sessions
 from pplex.proxyproto import HeaderParser
 from pplex.sessions import Groups
 from tests import proxyheaders as build
@@ -9,10 +10,12 @@ from tests.helpers import ROOT
 
 
 def test_every_reason_has_its_readme_line_and_no_other_is_documented():
+    """reasons.py is the one list (logs, stats, DISCONNECTED); README's table follows it, in its order."""
     readme = open(f"{ROOT}/README.md").read()
     section = readme[readme.index("DISCONNECTED `metadata[\"reason\"]` is one of"):readme.index("**Outputs**")]
     documented = re.findall(r"^\| `([a-z_]+)` \|", section, re.M)
-    assert documented == list(sessions.REASONS)
+    assert documented == list(reasons.REASONS)
+    assert not hasattr(sessions, "REASONS")
 
 
 def test_connected_metadata_is_all_strings_with_proxy_and_tls_facts():
