@@ -62,8 +62,23 @@ _TIME_KEY, _UUID_KEY, _PAYLOAD_KEY = b"\x0a", b"\x12", b"\x1a"
 _KIND_KEY, _METADATA_KEY, _ENTRY_KEY, _ENTRY_VALUE = b"\x20", b"\x2a", b"\x0a", b"\x12"
 
 
+# The payload field's key and length for the sizes a merged raw message or a frame usually has
+# (under 16 KiB), made once each, when first needed: 1 + 2 bytes each, at most 16,384 of them.
+_payload_heads = [None] * 16384
+
+
 def _length_prefix(key, size):
     return key + (_SMALL_VARINTS[size] if size < 128 else _varint(size))
+
+
+def _payload_head(size):
+    """The payload field's key and length prefix (`_length_prefix(_PAYLOAD_KEY, size)`), cached."""
+    if size < 16384:
+        head = _payload_heads[size]
+        if head is None:
+            head = _payload_heads[size] = _length_prefix(_PAYLOAD_KEY, size)
+        return head
+    return _length_prefix(_PAYLOAD_KEY, size)
 
 
 # Encoded map-entry keys (a handful of names: the CONNECTED keys, "reason"), and whole events of one
@@ -130,6 +145,7 @@ def encode_batch(batch):
     ends = []
     pos = 0
     append = parts.append
+    heads = _payload_heads
     stamp = None
     time_field = b""
     for i in range(0, len(batch), 3):
@@ -142,7 +158,9 @@ def encode_batch(batch):
         uuid = batch[i].encode()
         size = len(payload)
         if size:
-            head = _length_prefix(_PAYLOAD_KEY, size)
+            head = heads[size] if size < 16384 else None
+            if head is None:
+                head = _payload_head(size)
         elif payload.__class__ is Event:  # fields 4 and 5 instead of a payload
             head = payload.wire or event_fields(payload)
         else:
