@@ -243,6 +243,8 @@ class GrpcLink(Link):
         for out in inbox:
             try:
                 # SEND (action 0) to a client or a set is the base contract; anything else is an action.
+                # Kept in step with h2link.py _DataCall.messages: inline in both, not a shared function, since it
+                # runs once per worker message on the hot path.
                 which = out.WhichOneof("target")
                 if which == "client_uuid":
                     if out.action:

@@ -254,6 +254,8 @@ class _DataCall(_Call):
                 return
             try:
                 # SEND (action 0) to a client or a set is the base contract; anything else is an action.
+                # Kept in step with bridge.py GrpcLink._deliver: inline in both, not a shared function, since it
+                # runs once per worker message on the hot path.
                 which = out.WhichOneof("target")
                 if which == "client_uuid":
                     if out.action:
