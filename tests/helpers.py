@@ -37,6 +37,21 @@ def wait_for(condition, timeout=5.0, interval=0.01, message="condition"):
         time.sleep(interval)
 
 
+def run_until(reactor, predicate, timeout=5.0):
+    """Run a real Reactor on this thread until `predicate()` holds or `timeout` passes; assert it held."""
+    deadline = time.monotonic() + timeout
+
+    def check():
+        if predicate() or time.monotonic() > deadline:
+            reactor.stop()
+        else:
+            reactor.call_later(0.002, check)
+
+    reactor.call_soon(check)
+    reactor.run()
+    assert predicate(), "timed out"
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

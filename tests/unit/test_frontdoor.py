@@ -7,7 +7,6 @@ client looks like once it is open: its address, its facts, its first bytes.
 import socket
 import ssl
 import threading
-import time
 
 import pytest
 
@@ -20,6 +19,7 @@ from pplex.reactor import Reactor
 from pplex.stats import Stats
 from tests import proxyheaders as pp
 from tests.tlsutil import make_certs
+from tests.helpers import run_until
 
 SERVER = {"proxy_protocol": "off", "proxy_protocol_from": [], "proxy_protocol_timeout": 5,
           "tls_handshake_timeout": 5}
@@ -90,20 +90,6 @@ def accept(door, peer=None):
         sock, address = listener.accept()
     door.on_accept(sock, peer or address)
     return client
-
-
-def run_until(reactor, predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-
-    def check():
-        if predicate() or time.monotonic() > deadline:
-            reactor.stop()
-        else:
-            reactor.call_later(0.002, check)
-
-    reactor.call_soon(check)
-    reactor.run()
-    assert predicate(), "timed out"
 
 
 def closed_by_door(client):

@@ -27,7 +27,7 @@ from pplex import h2link
 from pplex.h2link import DATA_PATH, LIVE_PATH, READY_PATH, H2Link
 from pplex.reactor import Reactor
 from pplex.transport import Event, LinkEvents
-from tests.helpers import free_port
+from tests.helpers import free_port, run_until
 
 Out = upstream_pb2.OutputStreamRequest
 
@@ -397,20 +397,6 @@ class Recorder(LinkEvents):
 
     def kinds(self, kind):
         return [e for e in self.log if e[0] == kind]
-
-
-def run_until(reactor, predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-
-    def check():
-        if predicate() or time.monotonic() > deadline:
-            reactor.stop()
-        else:
-            reactor.call_later(0.002, check)
-
-    reactor.call_soon(check)
-    reactor.run()
-    assert predicate(), "timed out"
 
 
 @pytest.fixture

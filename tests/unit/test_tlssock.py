@@ -6,7 +6,6 @@ other a client engine, so every handshake, record and alert is OpenSSL's own.
 """
 import socket
 import ssl
-import time
 
 import pytest
 
@@ -15,6 +14,7 @@ from pplex.reactor import READ, Reactor
 from pplex.tls import ServerTls, TlsEngine, TlsTimeout
 from pplex.tlssock import TlsSocket
 from tests.tlsutil import make_certs
+from tests.helpers import run_until
 
 
 class Peer(TlsSocket, BufferedSocket):
@@ -87,20 +87,6 @@ def loopback_pair():
     for sock in (client, server):
         sock.setblocking(False)
     return server, client
-
-
-def run_until(reactor, predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-
-    def check():
-        if predicate() or time.monotonic() > deadline:
-            reactor.stop()
-        else:
-            reactor.call_later(0.002, check)
-
-    reactor.call_soon(check)
-    reactor.run()
-    assert predicate(), "timed out"
 
 
 def client_engine(ca):
