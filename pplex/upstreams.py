@@ -99,6 +99,7 @@ class Upstream:
             "lifecycle": self.lifecycle,
             "ejections": health.ejections_total, "ejections_in_a_row": health.ejections,
             "queued_bytes": self.batch_bytes,
+            "backlog": self.link.backlog() if self.streaming else 0,   # offered, not yet written
             "live_rtt_seconds": getattr(self.link, "live_seconds", None),
             "ready_probe_seconds": getattr(self.link, "ready_seconds", None),
         }

@@ -45,7 +45,7 @@ def test_bench_runs_every_row_and_prints_the_headline(tmp_path):
 
 def test_bench_dashboard_runs_with_the_page_open_and_closed_and_prints_the_ratio():
     done = subprocess.run(
-        [sys.executable, "-m", "bench.dashboard", "--clients", "2", "--seconds", "1.5", "--warmup", "0.2",
+        [sys.executable, "-m", "bench.dashboard", "--clients", "2", "--seconds", "4.5", "--warmup", "0.2",
          "--rounds", "1", "--transport", "h2", "--idle-seconds", "0.5"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]

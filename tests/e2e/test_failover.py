@@ -258,8 +258,8 @@ def test_messages_written_to_a_worker_that_dies_before_reading_them_are_counted_
     client = pplex.client()
     for i in range(5):
         client.send(b"message %d\n" % i)
-    wait_for(lambda: pplex.stats()["batches"] >= 1 and pplex.upstreams()[0]["queued_bytes"] == 0,
-             message="the messages handed to the stream")
+    wait_for(lambda: pplex.stats()["messages_in"] == 5 and pplex.upstreams()[0]["queued_bytes"] == 0
+             and pplex.upstreams()[0]["backlog"] == 0, message="the messages written to the stream")
     frozen.kill()
     wait_for(lambda: pplex.stats()["unconfirmed"] == 5, message="5 unconfirmed")
     assert "unconfirmed (at-most-once)" in pplex.log()
