@@ -187,7 +187,8 @@ class _DataCall(_Call):
     worker with a backlog answers message k while k+1.. still wait unread in its buffers."""
 
     __slots__ = ("batch", "wire", "ends", "sent", "started_msgs", "written", "written_at_answer",
-                 "want_drain", "closing", "half_closed", "ended_ok", "base", "inflight", "acked", "held")
+                 "want_drain", "closing", "half_closed", "ended_ok", "base", "inflight", "acked", "held",
+                 "held_bytes")
 
     def __init__(self, link):
         super().__init__(link)
@@ -208,14 +209,21 @@ class _DataCall(_Call):
         self.inflight = collections.deque()
         self.acked = 0          # the latest acknowledged(): kept, since a dead connection can no longer say
         self.held = None        # DATA received while replies are paused, in order (runs of payloads)
+        self.held_bytes = 0     # their size
 
     def data(self, payloads):
         """While replies are paused (clients are behind), what arrives is held, not delivered: at most
-        the stream's receive window, since its window is not given back until they resume."""
+        the stream's receive window, since its window is not given back until they resume. A worker
+        that sends past it breaks HTTP/2 flow control (RFC 9113 section 6.9.1): the connection fails
+        with FLOW_CONTROL_ERROR and the worker is ejected, so held bytes never exceed the window."""
         if self.held is not None or self.link.replies_paused:
             if self.held is None:
                 self.held = []
             self.held.append(payloads)
+            self.held_bytes += sum(map(len, payloads))
+            if self.held_bytes > RECEIVE_WINDOW and self.conn is not None:
+                self.conn.fail(f"INTERNAL: FLOW_CONTROL_ERROR: the worker sent {self.held_bytes} bytes on the "
+                               f"data stream past its {RECEIVE_WINDOW}-byte window")
             return
         _Call.data(self, payloads)
 
@@ -224,11 +232,14 @@ class _DataCall(_Call):
         held = self.held
         while held and budget > 0 and not self.finished:
             payloads = held.pop(0)
-            budget -= sum(map(len, payloads))
+            size = sum(map(len, payloads))
+            budget -= size
+            self.held_bytes -= size
             _Call.data(self, payloads)
         if held:
             return True
         self.held = None
+        self.held_bytes = 0
         return False
 
     def ended(self):

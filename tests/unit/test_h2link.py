@@ -749,3 +749,43 @@ def test_goaway_with_an_error_ends_every_stream_with_its_code_and_text(setup):
     detail = "UNAVAILABLE: the worker sent GOAWAY (ENHANCE_YOUR_CALM: too_many_pings)"
     assert events.kinds("closed") == [("closed", detail)]
     assert events.kinds("live")[-1] == ("live", False, detail)
+
+
+def test_a_worker_that_sends_past_the_window_while_replies_are_held_is_cut_off(setup, monkeypatch):
+    """Held replies are bounded by the data stream's window: DATA past it is a flow-control error
+    (RFC 9113 section 6.9.1) that fails the connection, so the held bytes never exceed the window."""
+    monkeypatch.setattr(h2link, "RECEIVE_WINDOW", 256 * 1024)
+    reply = frame_message(Out(client_uuid="c1", payload=b"F" * 16000).SerializeToString())
+
+    def script(worker, sid, path, body):
+        # Raw DATA frames that ignore the window pplex grants: 40 x 16 KB, far past 256 KiB.
+        _raw(worker, *[DataFrame(sid, data=reply) for _ in range(40)])
+
+    worker, reactor, link, events = setup(on_message=script)
+    make_ready(reactor, link, events)
+    link.pause_replies()   # clients are behind: what the worker sends is held, its window kept
+    assert offer(link, events, ["c1", b"go", "t0"]) is True
+    run_until(reactor, lambda: events.kinds("closed"))
+    detail = events.kinds("closed")[0][1]
+    assert "FLOW_CONTROL_ERROR" in detail and "262144-byte window" in detail
+    assert not events.kinds("reply")
+
+
+def test_replies_held_within_the_window_are_all_delivered_on_resume(setup, monkeypatch):
+    monkeypatch.setattr(h2link, "RECEIVE_WINDOW", 256 * 1024)
+    monkeypatch.setattr(h2link, "WINDOW_RETURN_BYTES", 64 * 1024)
+    replies = [Out(client_uuid="c1", payload=bytes([i]) * 16000) for i in range(40)]   # 640 KB
+
+    def script(worker, sid, path, body):
+        worker.send_all(sid, b"".join(frame_message(m.SerializeToString()) for m in replies))
+
+    worker, reactor, link, events = setup(on_message=script)
+    make_ready(reactor, link, events)
+    link.pause_replies()
+    assert offer(link, events, ["c1", b"go", "t0"]) is True
+    run_until(reactor, lambda: link._data.held_bytes > 200 * 1024)
+    assert not events.kinds("reply") and not events.kinds("closed")
+    link.resume_replies()
+    run_until(reactor, lambda: len(events.kinds("reply")) == 40, timeout=10)
+    assert [e[2] for e in events.kinds("reply")] == [m.payload for m in replies]
+    assert not events.kinds("closed") and link._data.held_bytes == 0
