@@ -87,6 +87,8 @@ def _json_body():
         body = loads_json(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise HTTPError(400, f"request body is not valid JSON: {error}")
+    except RecursionError:
+        raise HTTPError(400, "request body is not valid JSON: nested too deeply")
     if not isinstance(body, dict):
         raise HTTPError(400, "expected a JSON object as the request body")
     return body
@@ -123,6 +125,8 @@ def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
                     result = handler(**kwargs)
                 except (HTTPError, AdminRefusal) as error:
                     return _respond(error.status, error.body)
+                except UnicodeError:  # Bottle decodes the path, query and headers as UTF-8 when asked
+                    return _respond(400, {"error": "the request has bytes that are not valid UTF-8"})
                 except Exception:
                     # The fault boundary of an admin handler: counted, logged, a JSON 500.
                     FAULTS.report("admin handler", "%s %s", bottle.request.method, bottle.request.path,
@@ -145,9 +149,11 @@ def build_app(app_state, token=None, metrics=None, max_body_bytes=64 * 1024):
     def _check_token(path):
         if token is None or path in OPEN_ROUTES:
             return
-        given = bottle.request.get_header("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        # The raw header (WSGI hands it over as latin-1 text): compared as bytes, so any byte in it is a
+        # wrong token (401), never a decoding error.
+        given = bottle.request.environ.get("HTTP_AUTHORIZATION", "").encode("latin-1", "replace")
+        scheme, _, value = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), token.encode()):
             raise HTTPError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
 
     @route("/healthz")
@@ -312,9 +318,10 @@ class _Server(waitress.server.TcpWSGIServer):
     paused_until = 0.0
 
     def readable(self):
+        wanted = super().readable()  # first, always: it also closes idle channels (which frees descriptors)
         if self.paused_until and time.monotonic() < self.paused_until:
             return False
-        return super().readable()
+        return wanted
 
     def handle_accept(self):
         try:
@@ -341,11 +348,15 @@ class _Server(waitress.server.TcpWSGIServer):
 class AdminServer:
     """Waitress serving the admin app on its own threads."""
 
-    def __init__(self, app, host, port, threads=4, max_body_bytes=64 * 1024):
+    def __init__(self, app, host, port, threads=4, max_body_bytes=64 * 1024, connection_limit=1000, idle_timeout=10):
+        # channel_timeout closes connections idle for idle_timeout seconds (a half-sent request too);
+        # waitress checks every cleanup_interval, so that runs often enough for the timeout to hold.
         adjustments = waitress.adjustments.Adjustments(
             host=host, port=port, threads=threads, ident="pplex", clear_untrusted_proxy_headers=True,
             asyncore_use_poll=True, max_request_body_size=max_body_bytes,
-            max_request_header_size=MAX_HEADER_BYTES, log_socket_errors=False)
+            max_request_header_size=MAX_HEADER_BYTES, log_socket_errors=False,
+            connection_limit=connection_limit, channel_timeout=idle_timeout,
+            cleanup_interval=max(1, idle_timeout / 4))
         dispatcher = waitress.server.ThreadedTaskDispatcher()
         dispatcher.set_thread_count(adjustments.threads)
         try:

@@ -81,7 +81,8 @@ def local_ops(app):
         "get": lambda args: _connection_info(app, args.get("uuid")),
         "close": lambda args: _close(app, args.get("uuid"), args.get("by")),
         "stats": lambda args: local_stats(app),
-        "connections": lambda args: _page(app, bounded(args.get("limit"), limits.CLUSTER_PAGE_MAX)),
+        "connections": lambda args: _page(app, bounded(args.get("limit"), limits.CLUSTER_PAGE_MAX), 0,
+                                          args.get("q") if isinstance(args.get("q"), str) else ""),
     }
 
 
@@ -202,9 +203,9 @@ def connections(app, limit, offset, scope=None, query=""):
     if offset + limit > limits.CLUSTER_PAGE_MAX:
         raise AdminRefusal(400, f"offset + limit must be at most {limits.CLUSTER_PAGE_MAX} with scope=cluster",
                            field="offset")
-    answers, missing, error = _ask(app, "connections", {"limit": offset + limit})
+    answers, missing, error = _ask(app, "connections", {"limit": offset + limit, "q": query})
     listed = []
-    count = 0
+    count = matched = 0
     per_node = {}
     for node_id in sorted(answers):
         answer = answers[node_id]
@@ -212,10 +213,11 @@ def connections(app, limit, offset, scope=None, query=""):
             continue
         per_node[node_id] = answer.get("count", 0)
         count += per_node[node_id] if isinstance(per_node[node_id], int) else 0
+        matched += answer["matched"] if isinstance(answer.get("matched"), int) else 0
         listed.extend(answer.get("connections") or [])
     return {"scope": "cluster", "count": count, "offset": offset, "limit": limit, "nodes": per_node,
             "missing": missing, "connections": listed[offset:offset + limit],
-            **({"error": error} if error else {})}
+            **({"matched": matched} if query else {}), **({"error": error} if error else {})}
 
 
 def _check_scope(app, scope):

@@ -90,7 +90,9 @@ class App:
         app = build_app(self, token=self.admin_token, metrics=metrics_exporter(self),
                         max_body_bytes=management["max_body_bytes"])
         self.admin = AdminServer(app, management["host"], management["port"], threads=management["threads"],
-                                 max_body_bytes=management["max_body_bytes"])
+                                 max_body_bytes=management["max_body_bytes"],
+                                 connection_limit=management["connection_limit"],
+                                 idle_timeout=management["idle_timeout"])
         self.admin_address = self.admin.start()
         if self.admin_token is None and management["host"] not in ("127.0.0.1", "::1", "localhost"):
             log.warning("the admin API listens on %s with no token: anyone who reaches it can "

@@ -356,7 +356,7 @@ class Cluster:
             raise relaywire.BadFrame(f"heartbeat of {len(body)} bytes (at most {limits.HEARTBEAT_MAX_BYTES})")
         try:
             info = loads_json(bytes(body))
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deeply
             raise relaywire.BadFrame(f"heartbeat is not JSON: {error}") from None
         node_id = info.get("node") if isinstance(info, dict) else None
         if not isinstance(node_id, str) or not ID_PATTERN.match(node_id) or info.get("tag") != origin_tag:
@@ -487,7 +487,7 @@ class Cluster:
         request_id, raw = relaywire.split_request(body)
         try:
             question = loads_json(raw)
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deeply
             raise relaywire.BadFrame(f"admin question is not JSON: {error}") from None
         if not isinstance(question, dict) or not isinstance(question.get("op"), str):
             raise relaywire.BadFrame("admin question without an op")
@@ -502,7 +502,7 @@ class Cluster:
             return  # late: the deadline passed
         try:
             answer = loads_json(raw)
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deeply
             raise relaywire.BadFrame(f"admin answer is not JSON: {error}") from None
         node_id = answer.get("node") if isinstance(answer, dict) else None
         if node_id not in request.expected:

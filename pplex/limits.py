@@ -216,6 +216,14 @@ ADMIN_MAX_BODY_BYTES = setting(
 ADMIN_THREADS = setting(
     "management_server", "threads", 4, "threads", 1, 64,
     "threads serving admin requests", integer=True)
+ADMIN_CONNECTION_LIMIT = setting(
+    "management_server", "connection_limit", 1000, "connections", 10, 100_000,
+    "admin connections open at once; past it new ones wait in the listen backlog (waitress's default, 100, "
+    "let a hundred half-sent requests lock out /healthz)", integer=True)
+ADMIN_IDLE_TIMEOUT = setting(
+    "management_server", "idle_timeout", 10, "s", 1, 3600,
+    "an admin connection with no request in progress and nothing received for this long is closed "
+    "(half-sent requests included), so idle or slow peers cannot hold the connection limit", integer=True)
 
 
 # -- constants ------------------------------------------------------------------------------------

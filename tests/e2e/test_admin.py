@@ -1,4 +1,7 @@
 """The admin API over real HTTP: routes, bad requests (4xx JSON naming the field), the token rule."""
+import json
+import socket
+
 import pytest
 
 from tests.helpers import wait_for
@@ -106,6 +109,16 @@ def test_token_guards_every_route_but_healthz(start_pplex):
         assert "bearer token" in body["error"]
         assert pplex.admin(method, path, token="wrong", raw=b"{}" if method == "POST" else None)[0] == 401
     assert pplex.admin("GET", "/upstreams", token=TOKEN) == (200, {"upstreams": []})
+    # Bytes that are not UTF-8 in the header are a wrong token (401 JSON), never an error in pplex.
+    for header in (b"\xff", b"Bearer " + TOKEN.encode() + b"\xe9", b"Bearer \xc3\x28"):
+        with socket.create_connection(("127.0.0.1", pplex.admin_port), timeout=5) as sock:
+            sock.sendall(b"GET /upstreams HTTP/1.0\r\nAuthorization: " + header + b"\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"401" and "bearer token" in json.loads(body)["error"], answer
+    assert "Traceback" not in pplex.log()
 
 
 def test_token_from_config_and_warning_without_token_off_loopback(start_pplex, tmp_path):

@@ -157,6 +157,11 @@ def test_broadcasts_replies_and_admin_reach_across_nodes(start_pplex, start_work
     status, page = nodes["b"].admin("GET", "/connections?scope=cluster&limit=100")
     assert page["count"] == 8 and len(page["connections"]) == 8
     assert {c["node"] for c in page["connections"]} == {"a", "b", "c"}
+    # A search with scope=cluster searches every node: one client of a, found from b.
+    status, page = nodes["b"].admin("GET", f"/connections?scope=cluster&q={uuids['a'][0]}")
+    assert status == 200 and page["matched"] == 1 and [c["uuid"] for c in page["connections"]] == [uuids["a"][0]]
+    status, page = nodes["b"].admin("GET", "/connections?scope=cluster&q=no-such-client")
+    assert status == 200 and page["matched"] == 0 and page["connections"] == []
     assert nodes["a"].stats()["cluster"]["relayed_out"] >= 2
     assert nodes["a"].stats()["cluster"]["relayed_in"]["reply"] == 1
 

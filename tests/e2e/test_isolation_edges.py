@@ -177,6 +177,8 @@ def test_admin_requests_of_any_shape_get_json_4xx(start_pplex):
         ("POST", "/upstream/add", b"\xff\xfe\x00garbage"),
         ("POST", "/upstream/add", b'{"host": {"nested": [1, 2]}, "port": "x"}'),
         ("POST", "/upstream/add", b"x" * (200 * 1024)),  # above max_body_bytes: refused before it is read
+        ("POST", "/upstream/add", b"[" * 30000),           # nested too deeply for the parser
+        ("POST", "/upstream/add", b'{"a":' * 10000 + b"1" + b"}" * 10000),
         ("GET", "/connections?limit=-1&offset=1e999", None),
         ("GET", "/connections?q=" + "x" * 500, None),
         ("DELETE", "/upstreams/%00%ff", None),
@@ -200,6 +202,38 @@ def test_admin_requests_of_any_shape_get_json_4xx(start_pplex):
         assert head.split()[1][:1] == b"4" and b"application/json" in head, head
         assert "error" in json.loads(body)
     assert pplex.proc.poll() is None and "Traceback" not in pplex.log()
+
+
+@pytest.mark.parametrize("transport", ["h2"])   # the admin API is the same on both
+def test_half_sent_admin_requests_cannot_lock_out_healthz(start_pplex):
+    """Waitress's default (100 connections, 120 s idle) let 100 half-sent requests lock out the probes."""
+    pplex = start_pplex(config={"management_server": {"connection_limit": 20, "idle_timeout": 1}})
+    held = []
+    try:
+        for _ in range(60):   # three times the limit: the rest wait in the listen backlog
+            sock = socket.create_connection(("127.0.0.1", pplex.admin_port), timeout=5)
+            sock.sendall(b"GET /stats HTTP/1.1\r\nHost: x\r\n")  # the headers never end
+            held.append(sock)
+        # Idle ones are closed after idle_timeout, so the probe gets through within seconds.
+        wait_for(lambda: pplex.admin("GET", "/healthz") == (200, {"status": "ok"}), timeout=15,
+                 message="/healthz while 60 half-sent requests are open")
+        first = held[0]
+        first.settimeout(5)
+        assert first.recv(1024) == b""   # closed by pplex, not by us
+    finally:
+        for sock in held:
+            sock.close()
+    # With the defaults (1,000 connections), 150 of them do not even delay it.
+    pplex = start_pplex()
+    held = [socket.create_connection(("127.0.0.1", pplex.admin_port), timeout=5) for _ in range(150)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /stats HTTP/1.1\r\n")
+        assert pplex.admin("GET", "/healthz") == (200, {"status": "ok"})
+    finally:
+        for sock in held:
+            sock.close()
+    assert "Traceback" not in pplex.log()
 
 
 # -- file descriptors ------------------------------------------------------------------------------

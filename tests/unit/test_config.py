@@ -18,7 +18,7 @@ def test_defaults_fill_every_section_from_the_limits_table():
     assert config["server"]["max_connections"] == 100000 and config["server"]["idle_timeout"] == 0
     assert config["server"]["processes"] == 1
     assert config["management_server"] == {"host": "127.0.0.1", "port": 8000, "max_body_bytes": 65536,
-                                           "threads": 4}
+                                           "threads": 4, "connection_limit": 1000, "idle_timeout": 10}
     assert config["upstream"] == [] and config["plugins"] == {}
     assert config["cluster"] == {"name": "pplex", "heartbeat": 2, "dead_after": 6, "admin_timeout": 2}
 
