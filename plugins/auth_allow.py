@@ -21,11 +21,11 @@ A bad CIDR stops startup with one line naming it, e.g.
 `plugins.auth_allow.allow[0]: not an IPv4 or IPv6 network ...`.
 """
 import ipaddress
-import json
 
 import voluptuous as vol
 
 from pplex import hookimpl
+from pplex.errors import shown
 
 _allow = []
 _deny = []
@@ -34,12 +34,12 @@ _deny = []
 def Cidr(value):
     """an IPv4 or IPv6 network (CIDR), e.g. 10.0.0.0/8"""
     if not isinstance(value, str):
-        raise vol.Invalid(f"expected a CIDR string like \"10.0.0.0/8\" (got {json.dumps(value)})")
+        raise vol.Invalid(f"expected a CIDR string like \"10.0.0.0/8\" (got {shown(value)})")
     try:
         ipaddress.ip_network(value.strip(), strict=False)
     except ValueError:
         raise vol.Invalid(f"not an IPv4 or IPv6 network like \"10.0.0.0/8\" or \"fd00::/8\" "
-                          f"(got {json.dumps(value)})") from None
+                          f"(got {shown(value)})") from None
     return value.strip()
 
 

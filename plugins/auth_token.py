@@ -18,15 +18,17 @@ boundaries) one trailing "\\r\\n" or "\\n" is stripped before comparing, so
 
 Settings (`"plugins": {"auth_token": {...}}`):
 - `tokens` (required): a non-empty list of non-empty strings, compared as UTF-8.
-- `auth_timeout` (default 5): seconds a new connection has to send its token.
+- `auth_timeout` (default 5): seconds a new connection has to send its token, greater than 0 and at
+  most 300 (the bound of the front door's own handshake timeouts).
 """
 import hmac
-import json
 
 import voluptuous as vol
 
 from pplex import hookimpl
+from pplex.errors import shown
 
+MAX_AUTH_TIMEOUT = 300
 _tokens = []
 _state = {"timeout": 5.0, "context": None, "raw": None}
 _timers = {}  # conn -> deadline Timer, while the connection is unauthenticated
@@ -38,14 +40,16 @@ def Tokens(value):
         raise vol.Invalid("expected a non-empty list of token strings")
     for index, token in enumerate(value):
         if not isinstance(token, str) or not token:
-            raise vol.Invalid(f"expected a non-empty string (got {json.dumps(token)})", path=[index])
+            raise vol.Invalid(f"expected a non-empty string (got {shown(token)})", path=[index])
     return value
 
 
 def Seconds(value):
-    """seconds, a number greater than 0"""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise vol.Invalid(f"expected a number of seconds greater than 0 (got {json.dumps(value)})")
+    """seconds, greater than 0 and at most 300"""
+    # `not 0 < value` also refuses NaN; the bound refuses Infinity (TOML has both)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_AUTH_TIMEOUT:
+        raise vol.Invalid(f"expected a number of seconds greater than 0 and at most {MAX_AUTH_TIMEOUT} "
+                          f"(got {shown(value)})")
     return value
 
 

@@ -18,12 +18,12 @@ with 2) cannot be framed: it is dropped and logged as an error.
 Partial input stays in `conn.framing_state` (a bytearray, or None when a
 connection holds no partial frame, the usual case for idle clients).
 """
-import json
 import struct
 
 import voluptuous as vol
 
 from pplex import FrameError, hookimpl, limits
+from pplex.errors import shown
 
 MiB = 1024 * 1024
 FORMATS = {1: ">B", 2: ">H", 4: ">I", 8: ">Q"}
@@ -31,15 +31,15 @@ FORMATS = {1: ">B", 2: ">H", 4: ">I", 8: ">Q"}
 
 def Width(value):
     """1, 2, 4 or 8 (bytes of the length prefix)"""
-    if isinstance(value, bool) or value not in FORMATS:
-        raise vol.Invalid(f"must be 1, 2, 4 or 8 (bytes of length prefix) (got {json.dumps(value)})")
+    if isinstance(value, bool) or not isinstance(value, int) or value not in FORMATS:  # a list is unhashable
+        raise vol.Invalid(f"must be 1, 2, 4 or 8 (bytes of length prefix) (got {shown(value)})")
     return value
 
 
 def FrameBytes(value):
     """a positive integer (bytes), at most the largest upstream max_message_bytes"""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise vol.Invalid(f"expected a positive integer number of bytes (got {json.dumps(value)})")
+        raise vol.Invalid(f"expected a positive integer number of bytes (got {shown(value)})")
     if value > limits.MAX_MESSAGE_BYTES.high:
         raise vol.Invalid(f"must be at most {limits.MAX_MESSAGE_BYTES.high}, the largest gRPC message pplex "
                           f"sends (upstream max_message_bytes) (got {value})")

@@ -16,11 +16,10 @@ Settings (`"plugins": {"framing_line": {...}}`):
 Partial input stays in `conn.framing_state` (a bytearray, or None when a
 connection holds no partial line, the usual case for idle clients).
 """
-import json
-
 import voluptuous as vol
 
 from pplex import FrameError, hookimpl, limits
+from pplex.errors import shown
 
 MiB = 1024 * 1024
 
@@ -28,14 +27,14 @@ MiB = 1024 * 1024
 def Delimiter(value):
     """a non-empty string"""
     if not isinstance(value, str) or not value:
-        raise vol.Invalid(f"expected a non-empty string (got {json.dumps(value)})")
+        raise vol.Invalid(f"expected a non-empty string (got {shown(value)})")
     return value
 
 
 def FrameBytes(value):
     """a positive integer (bytes), at most the largest upstream max_message_bytes"""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise vol.Invalid(f"expected a positive integer number of bytes (got {json.dumps(value)})")
+        raise vol.Invalid(f"expected a positive integer number of bytes (got {shown(value)})")
     if value > limits.MAX_MESSAGE_BYTES.high:
         raise vol.Invalid(f"must be at most {limits.MAX_MESSAGE_BYTES.high}, the largest gRPC message pplex "
                           f"sends (upstream max_message_bytes) (got {value})")

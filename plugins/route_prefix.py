@@ -18,11 +18,11 @@ queue (`server.max_pending_bytes`) until one is ready; the client's later
 messages wait behind it, in order. Addresses are compared as written: use the
 same host spelling as the upstream's registration (an IP stays an IP).
 """
-import json
-
 import voluptuous as vol
 
 from pplex import hookimpl
+from pplex.config import is_number
+from pplex.errors import shown
 
 # [(length, {prefix bytes: frozenset of (host, port)})], longest first
 _tables = []
@@ -32,11 +32,12 @@ _state = {"default": "any", "pooled": frozenset()}
 def parse_address(value):
     """'host:port' or '[v6]:port' -> (host, port), the form upstreams are registered in."""
     if not isinstance(value, str):
-        raise vol.Invalid(f"expected a worker address \"host:port\" (got {json.dumps(value)})")
+        raise vol.Invalid(f"expected a worker address \"host:port\" (got {shown(value)})")
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise vol.Invalid(f"expected a worker address \"host:port\" (got {json.dumps(value)})")
+    # ASCII digits only: isdigit() alone takes "²", which int() refuses
+    if not sep or not host or not is_number(port, 5) or not 1 <= int(port) <= 65535:
+        raise vol.Invalid(f"expected a worker address \"host:port\" (got {shown(value)})")
     return host, int(port)
 
 

@@ -35,24 +35,27 @@ def raise_file_limit():
     return soft
 
 
-def check_frame_limits(plugin_settings, upstreams):
+def check_frame_limits(plugin_settings, upstreams, source=None):
     """A plugin's `max_frame_bytes` may not exceed the smallest upstream max_message_bytes: a frame
-    larger than a worker's gRPC limit would break the stream every client of that worker shares."""
+    larger than a worker's gRPC limit would break the stream every client of that worker shares.
+    `source` (the config file) starts the error line, as it does the config's own."""
     smallest = min((u["max_message_bytes"] for u in upstreams), default=limits.MAX_MESSAGE_BYTES.default)
     for name, settings in plugin_settings.items():
         value = settings.get("max_frame_bytes") if isinstance(settings, dict) else None
         if isinstance(value, int) and value > smallest:
-            raise ConfigError(f"plugins.{name}.max_frame_bytes: must not be above the upstreams' "
+            prefix = f"{source}: " if source else ""
+            raise ConfigError(f"{prefix}plugins.{name}.max_frame_bytes: must not be above the upstreams' "
                               f"max_message_bytes ({smallest}) (got {value})")
 
 
 class App:
-    def __init__(self, config, admin_token=None):
+    def __init__(self, config, admin_token=None, source=None):
+        """`source`: the config file's name (or "config"), for config errors found here (plugins)."""
         self.config = config
         self.admin_token = admin_token
         self.reactor = Reactor()
-        self.plugins = PluginSet(enabled=list(config["plugins"]), settings=config["plugins"])
-        check_frame_limits(self.plugins.settings, config["upstream"])
+        self.plugins = PluginSet(enabled=list(config["plugins"]), settings=config["plugins"], source=source)
+        check_frame_limits(self.plugins.settings, config["upstream"], source)
         self.context = Context(self.reactor, config, proxy=None)
         self.plugins.configure(self.context)
         self.transport = TRANSPORTS[config["transport"]](self.reactor)

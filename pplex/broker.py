@@ -164,7 +164,8 @@ class Broker:
         self._on_frames(frames)
 
     def close(self, timeout=2.0):
-        """Stop the thread: publish what is queued if connected (within `timeout`), then disconnect."""
+        """Stop the thread: publish what is queued if connected (within `timeout`), then disconnect.
+        Safe before `start` (`pplex check` builds and closes an App that never starts)."""
         self._stopping = True
         loop = self._loop
         if loop is not None:
@@ -172,7 +173,8 @@ class Broker:
                 loop.call_soon_threadsafe(self._wake_writer)
             except RuntimeError:
                 pass
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # joining a thread never started raises
+            self._thread.join(timeout)
 
     # -- broker thread ---------------------------------------------------------
     def _run_thread(self):

@@ -12,6 +12,9 @@ in its order, and stops short of serving:
    at once (never listened on, so no client is ever accepted);
 4. with `resolve`, every upstream host name: it must resolve.
 
+The broker is never connected to (the App is built, never started): a start
+waits for it, retrying, so a broker that is down is no config error.
+
 Each failure is a `ConfigError` carrying the one line `pplex` would print
 (for 1 and 3 the very same text); the result is the effective config, with
 secrets redacted, ready to print as JSON.
@@ -37,7 +40,7 @@ def check(config, source, token=None, resolve=False):
     ConfigError with one line.
     """
     from pplex.app import App  # grpc and the reactor are loaded only when a config got this far
-    App(config, admin_token=token).close()
+    App(config, admin_token=token, source=source).close()
     check_files(config, source)
     check_listeners(config)
     if resolve:

@@ -27,7 +27,7 @@ import sys
 import time
 
 from pplex import __version__, logs, node, supervisor
-from pplex.config import load_file, parse_address, validate, validate_upstream
+from pplex.config import load_file, parse_address, parse_count, validate, validate_upstream, validate_values
 from pplex.errors import ConfigError
 
 log = logging.getLogger("pplex")
@@ -51,7 +51,7 @@ def build_parser():
     parser.add_argument("--transport", choices=("h2", "grpcio"),
                         help="gRPC client for workers: h2 (default: HTTP/2 in the reactor thread) or grpcio "
                              "(gRPC's own C-core client on its threads)")
-    parser.add_argument("--processes", metavar="N", type=int,
+    parser.add_argument("--processes", metavar="N",
                         help="reactor processes sharing the client port (default 1; more needs a broker)")
     parser.add_argument("--broker", metavar="URL",
                         help="cluster broker: nats://host:port or redis://host:port (cluster.broker)")
@@ -69,6 +69,8 @@ def load_config(args, prepare=None):
     """The validated config: file (if any), then flags on top; `prepare(raw)` may change it first."""
     source = args.config or "config"
     raw = load_file(args.config) if args.config else {}
+    if args.config:
+        validate_values(raw, source)  # a bad value gives the file's own line, whichever flags follow
     raw = dict(raw)
     if args.listen:
         host, port = parse_address(args.listen, "--listen")
@@ -83,7 +85,7 @@ def load_config(args, prepare=None):
     if args.log_format:
         raw["log_format"] = args.log_format
     if args.processes is not None:
-        raw["server"] = {**(raw.get("server") or {}), "processes": args.processes}
+        raw["server"] = {**(raw.get("server") or {}), "processes": parse_count(args.processes, "--processes")}
     if args.broker:
         raw["cluster"] = {**(raw.get("cluster") or {}), "broker": args.broker}
     if args.plugins is not None:
@@ -104,7 +106,9 @@ def main(argv=None):
     try:
         if child is not None:
             config = validate(child["config"], "config from the parent process")
+            source = child["source"]
         else:
+            source = args.config or "config"
             demo_broker = DemoBroker()
             config = load_config(args, prepare=demo_broker.prepare if args.command == "demo" else None)
     except ConfigError as error:
@@ -123,21 +127,21 @@ def main(argv=None):
     args.log_level = level   # what --processes passes on to its children
     try:
         if args.command == "plugins":
-            return list_plugins(config)
+            return list_plugins(config, source)
         cluster = config["cluster"]
         node.configure(cluster.get("node") if child is None else child["node"],
                        None if child is None else child["index"],
                        cluster["name"] if cluster.get("broker") else None)
         token = config["management_server"].get("token") or os.environ.get("PPLEX_ADMIN_TOKEN") or None
         if args.command == "check":
-            return run_check(args, config, token)
+            return run_check(args, config, token, source)
         demo_worker = None
         if args.command == "demo":
             demo_worker = start_demo_worker(config)
         if config["server"]["processes"] > 1:
-            return run_processes(config, args, demo_worker, demo_broker)
+            return run_processes(config, args, demo_worker, demo_broker, source)
         from pplex.app import App
-        app = App(config, admin_token=token)
+        app = App(config, admin_token=token, source=source)
     except ConfigError as error:
         print(error, file=sys.stderr)
         if demo_broker is not None:
@@ -182,18 +186,18 @@ def install_signal_handlers(app):
     signal.signal(signal.SIGHUP, lambda signum, frame: app.reload_tls())
 
 
-def run_check(args, config, token):
+def run_check(args, config, token, source):
     from pplex.check import check
-    effective = check(config, args.config or "config", token=token, resolve=args.resolve)
+    effective = check(config, source, token=token, resolve=args.resolve)
     print(json.dumps(effective, indent=2))
     return 0
-def run_processes(config, args, demo_worker, demo_broker):
+def run_processes(config, args, demo_worker, demo_broker, source):
     """--processes N > 1: supervise N children until stopped; the exit code."""
     def started(host, port):
         if demo_worker is not None:
             demo_hint(demo_worker, host, port)
     try:
-        code = supervisor.Supervisor(config, args.log_level, on_started=started).run()
+        code = supervisor.Supervisor(config, args.log_level, on_started=started, source=source).run()
     except OSError as error:
         print(f"pplex: {error.strerror or error}", file=sys.stderr)
         code = 1
@@ -262,9 +266,9 @@ def start_demo_worker(config):
     return worker
 
 
-def list_plugins(config):
+def list_plugins(config, source):
     from pplex.manager import PluginSet
-    plugins = PluginSet(enabled=list(config["plugins"]), settings=config["plugins"])
+    plugins = PluginSet(enabled=list(config["plugins"]), settings=config["plugins"], source=source)
     rows = plugins.describe()
     width = max(len(r["name"]) for r in rows)
     for row in rows:

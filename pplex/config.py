@@ -7,15 +7,21 @@ Every default sits in the schema below with its unit and reason.
 import ipaddress
 import json
 import re
+import sys
 import tomllib
 from urllib.parse import urlsplit
 
 import voluptuous as vol
 
 from pplex import limits, proxyproto
-from pplex.errors import ConfigError
+from pplex.errors import ConfigError, shown
 from pplex.logs import LOG_FORMATS
 from pplex.tls import validate_server_tls, validate_upstream_tls
+
+# Levels of nesting a config may have (pplex's own deepest path, plugins.route_prefix.routes.P[0],
+# has 5): deeper ones are refused when read, before a parser, a validator or a printer recurses
+# into them and exhausts Python's stack.
+MAX_DEPTH = 32
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
 
@@ -131,11 +137,13 @@ def BrokerURL(value):
     try:
         port = parts.port
     except ValueError:
-        raise vol.Invalid("the broker URL's port must be between 1 and 65535") from None
+        port = -1
     if not parts.hostname:
         raise vol.Invalid("the broker URL has no host")
     if port is None:
         raise vol.Invalid("the broker URL needs a port (nats: 4222, redis: 6379)")
+    if not 1 <= port <= 65535:  # 0 is no port to connect to
+        raise vol.Invalid("the broker URL's port must be between 1 and 65535")
     return value
 
 
@@ -204,16 +212,21 @@ SCHEMA = vol.Schema({
 })
 
 
-def describe_invalid(error, prefix=()):
-    """One line: `path: message (got value)`."""
-    path = list(prefix) + list(error.path)
+def path_text(path):
+    """("upstream", 1, "port") -> `upstream[1].port`."""
     text = ""
     for part in path:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
             text += ("." if text else "") + str(part)
-    message = error.error_message or str(error)
+    return text
+
+
+def describe_invalid(error, prefix=()):
+    """One line: `path: message`; a message of several lines (a plugin's) is joined into one."""
+    text = path_text(list(prefix) + list(error.path))
+    message = " ".join((error.error_message or str(error)).split())
     if message == "extra keys not allowed":
         message = "unknown key"
     elif message == "required key not provided":
@@ -223,6 +236,20 @@ def describe_invalid(error, prefix=()):
 
 def validate(raw, source="config"):
     """Validate a raw dict; raise ConfigError naming the first bad value's path."""
+    config = _validate(raw, source, across=True)
+    _check_together(config, source)
+    return config
+
+
+def validate_values(raw, source):
+    """Each value of a file on its own, before flags are put on top: a bad one is refused with the line
+    the file alone gives, even where a flag would replace it or its section. Rules across sections wait
+    for the flags (`--broker` may be what a file's `server.processes` needs)."""
+    _validate(raw, source, across=False)
+
+
+def _validate(raw, source, across):
+    _check_tree(raw, source)
     if isinstance(raw, dict) and "management_server_tls" in raw:
         # One version of the original proxy spells the admin TLS table at the top level.
         raw = dict(raw)
@@ -232,12 +259,45 @@ def validate(raw, source="config"):
         management["tls"] = raw.pop("management_server_tls")
         raw["management_server"] = management
     try:
-        config = _cluster_rules(SCHEMA(raw))
+        config = SCHEMA(raw)
+        return _cluster_rules(config) if across else config
     except vol.MultipleInvalid as error:
         first = sorted(error.errors, key=lambda e: [str(p) for p in e.path])[0]
         raise ConfigError(f"{source}: {describe_invalid(first)}{_got(raw, first.path)}") from None
-    _check_together(config, source)
-    return config
+
+
+def _check_tree(raw, source):
+    """Refuse, with its path, what would fail far from the file: a value nested deeper than MAX_DEPTH;
+    a string that is not text (JSON's "\\ud800" escapes make lone surrogates, which have no UTF-8 form:
+    a plugin or the admin API encoding one would raise); an integer beyond any float (a range check
+    through math.isfinite raises OverflowError). Iterative: deep input must not recurse."""
+    stack = [((), raw)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((path + (key,), inner) for key, inner in value.items())
+            bad_key = next((key for key in value if not _is_text(key)), None)
+            if bad_key is not None:
+                raise ConfigError(f"{source}: {path_text(path) or '(top level)'}: a key is not valid Unicode "
+                                  f"text (got {shown(bad_key)})")
+        elif isinstance(value, list):
+            stack.extend((path + (index,), inner) for index, inner in enumerate(value))
+        elif not _is_text(value):
+            raise ConfigError(f"{source}: {path_text(path)}: not valid Unicode text (got {shown(value)})")
+        elif isinstance(value, int) and abs(value) > sys.float_info.max:  # range checks compare as floats
+            raise ConfigError(f"{source}: {path_text(path)}: a number too large for any setting (got {shown(value)})")
+        if isinstance(value, (dict, list)) and value and len(path) == MAX_DEPTH:
+            raise ConfigError(f"{source}: {path_text(path)}: nested more than {MAX_DEPTH} levels deep")
+
+
+def _is_text(value):
+    """False only for a string with a lone surrogate."""
+    try:
+        if isinstance(value, str):
+            value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_together(config, source):
@@ -279,7 +339,7 @@ def _got(raw, path):
         return ""
     if isinstance(value, (dict, list)):
         return ""
-    return f" (got {json.dumps(value)})"
+    return f" (got {shown(value)})"
 
 
 def load_file(path):
@@ -292,11 +352,15 @@ def load_file(path):
     if path.endswith(".toml"):
         try:
             raw = tomllib.loads(data.decode("utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to read (a config has at most {MAX_DEPTH} levels)") from None
+        except ValueError as error:  # TOMLDecodeError, UnicodeDecodeError, an integer of too many digits
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
     else:
         try:
             raw = loads_json(data)
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to read (a config has at most {MAX_DEPTH} levels)") from None
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON: line {error.lineno} column {error.colno}: {error.msg}") from None
         except ValueError as error:  # NaN / Infinity
@@ -318,11 +382,24 @@ def loads_json(data):
     return json.loads(data, parse_constant=_reject_constant)
 
 
+def is_number(text, digits):
+    """1 to `digits` ASCII digits: str.isdigit() alone takes "²" (which int() refuses) and "٣" (which
+    it reads as 3), and int() refuses thousands of digits with a ValueError."""
+    return text.isascii() and text.isdigit() and len(text) <= digits
+
+
 def parse_address(text, flag):
     """HOST:PORT or [V6]:PORT -> (host, port) for a command-line flag."""
     host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise ConfigError(f"{flag}: expected HOST:PORT (got {text!r})")
-    if not port.isdigit():
-        raise ConfigError(f"{flag}: port must be a number (got {text!r})")
+        raise ConfigError(f"{flag}: expected HOST:PORT (got {shown(text)})")
+    if not is_number(port, 5) or int(port) > 65535:
+        raise ConfigError(f"{flag}: port must be a number from 0 to 65535 (got {shown(text)})")
     return host.strip("[]"), int(port)
+
+
+def parse_count(text, flag):
+    """A whole number from a command-line flag; its range is the setting's, checked with the config."""
+    if not is_number(text, 9):
+        raise ConfigError(f"{flag}: expected a whole number (got {shown(text)})")
+    return int(text)

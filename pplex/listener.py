@@ -23,7 +23,7 @@ def bind_socket(host, port, reuse_port=False, options=()):
     """A TCP socket bound to (host, port) the way pplex's listeners bind (SO_REUSEADDR, and
     SO_REUSEPORT when asked), not listening yet; `options`: more (level, name, value). Raises OSError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if family == socket.AF_INET and not host.replace(".", "").isdigit():
+    if family == socket.AF_INET and not (host.isascii() and host.replace(".", "").isdigit()):
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:

@@ -61,7 +61,16 @@ def _slots_of(pm, plugin):
 class PluginSet:
     """The enabled plugins, validated and resolved; built once at startup."""
 
-    def __init__(self, enabled=(), settings=None):
+    def __init__(self, enabled=(), settings=None, source=None):
+        """`source`, the config file's name (or "config"), starts each error line, as in pplex.config."""
+        try:
+            self._build(enabled, settings)
+        except ConfigError as error:
+            if source is None:
+                raise
+            raise ConfigError(f"{source}: {error}") from error
+
+    def _build(self, enabled, settings):
         settings = dict(settings or {})
         self.pm = pluggy.PluginManager("pplex")
         self.pm.add_hookspecs(hookspecs)
@@ -112,14 +121,15 @@ class PluginSet:
         return schema if schema is not None else {}
 
     def _validate(self, name, value):
-        schema = self.schema_of(name)
-        if not isinstance(schema, voluptuous.Schema):
-            schema = voluptuous.Schema(schema)
+        """The plugin's schema applied to its settings, a fault boundary: a bad value, and a validator
+        that raises anything else (a bug in a third-party plugin), are one line naming the setting."""
+        from pplex.config import describe_invalid
         try:
-            return schema(value)
+            return _guarded(self.schema_of(name))(value)
         except voluptuous.MultipleInvalid as error:
-            from pplex.config import describe_invalid
             raise ConfigError(describe_invalid(error.errors[0], ("plugins", name))) from error
+        except Exception as error:  # the schema as a whole (not a dict of keys) failed
+            raise ConfigError(describe_invalid(voluptuous.Invalid(_failure(error)), ("plugins", name))) from error
 
     def configure(self, context):
         for name in self.names():
@@ -205,6 +215,33 @@ class PluginSet:
                 row["settings"] = describe_schema(schema())
             rows.append(row)
         return rows
+
+
+def _guarded(schema):
+    """A plugin's settings schema with each key's validator wrapped by `_caught`, so that whatever it
+    raises is a `voluptuous.Invalid` at that key's path."""
+    required, extra = False, voluptuous.PREVENT_EXTRA
+    if isinstance(schema, voluptuous.Schema):
+        schema, required, extra = schema.schema, schema.required, schema.extra
+    if isinstance(schema, dict):
+        schema = {key: _caught(voluptuous.Schema(inner, required=required, extra=extra))
+                  for key, inner in schema.items()}
+    return voluptuous.Schema(schema, required=required, extra=extra)
+
+
+def _caught(validate):
+    def caught(value):
+        try:
+            return validate(value)
+        except voluptuous.Invalid:
+            raise
+        except Exception as error:
+            raise voluptuous.Invalid(_failure(error)) from error
+    return caught
+
+
+def _failure(error):
+    return f"the plugin's settings check failed: {type(error).__name__}: {error}"
 
 
 def _positional(function, impl_args, spec_args):

@@ -53,7 +53,7 @@ STABLE_SECONDS = 60.0
 
 
 def child_settings():
-    """In a child (`PPLEX_CHILD=1`): {"index", "node", "config"}, the first line of stdin; else None."""
+    """In a child (`PPLEX_CHILD=1`): {"index", "node", "config", "source"}, the first line of stdin; else None."""
     if os.environ.pop(CHILD_ENV, None) != "1":
         return None
     raw = b""
@@ -89,8 +89,9 @@ class _Child:
 
 
 class Supervisor:
-    def __init__(self, config, log_level="info", on_started=None):
+    def __init__(self, config, log_level="info", on_started=None, source="config"):
         self.config = config
+        self.source = source  # the config file's name, for the one line a child's config error gives
         self.log_level = log_level
         self.on_started = on_started  # fn(host, port) once every child serves
         self.count = config["server"]["processes"]
@@ -134,7 +135,8 @@ class Supervisor:
                                       env={**os.environ, CHILD_ENV: "1"})
         # The config (a token may be in it) goes through the pipe; the pipe then stays open:
         # its end of file tells the child that the parent is gone.
-        settings = {"index": child.index, "node": self.base, "config": self.child_config(child.index)}
+        settings = {"index": child.index, "node": self.base, "config": self.child_config(child.index),
+                    "source": self.source}
         child.proc.stdin.write(json.dumps(settings).encode() + b"\n")
         child.proc.stdin.flush()
         child.started = time.monotonic()

@@ -1,7 +1,10 @@
 """`pplex check`: exit 0 with the effective config on the example, and on every bad config the
-existing tests use, exit 2 with the very line `pplex` itself prints (both are run, real processes)."""
+existing tests use, exit 2 with the very line `pplex` itself prints (both are run, real processes).
+The same for hostile input (deep nesting, TOML dates, non-ASCII digits, flags over a bad file), each
+of which once gave a traceback."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -115,3 +118,108 @@ def test_resolve_names_the_upstream_that_does_not_resolve():
     assert result.returncode == 2
     assert result.stderr.startswith("config: upstream[1].host: cannot resolve 'no-such-worker.invalid': ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- hostile input: each of these once gave a traceback (exit 1) or a start ------------------------
+LOCAL = ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]
+TOO_DEEP = r"FILE: nested too deeply to read \(a config has at most 32 levels\)"
+HOSTILE = [
+    # (file name, its text (None: no file), flags, the one line as a regex; FILE stands for the file)
+    ("deep.json", "[" * 100_000 + "]" * 100_000, [], TOO_DEEP),
+    ("deep.json", '{"a":' * 100_000 + "1" + "}" * 100_000, [], TOO_DEEP),
+    ("deep.toml", "a = " + "[" * 100_000 + "]" * 100_000, [], TOO_DEEP),
+    ("deep.json", json.dumps({"plugins": {"framing_len": json.loads('{"a":' * 40 + "1" + "}" * 40)}}), LOCAL,
+     r"FILE: plugins\.framing_len(\.a){30}: nested more than 32 levels deep"),
+    ("date.toml", "[server]\nidle_timeout = 1979-05-27\n", LOCAL,
+     r"FILE: server\.idle_timeout: expected a number \(got 1979-05-27\)"),
+    ("time.toml", "[server]\nidle_timeout = 07:32:00\n", LOCAL,
+     r"FILE: server\.idle_timeout: expected a number \(got 07:32:00\)"),
+    ("datetime.toml", "[server]\nidle_timeout = 1979-05-27T07:32:00Z\n", LOCAL,
+     r"FILE: server\.idle_timeout: expected a number \(got 1979-05-27T07:32:00\+00:00\)"),
+    ("date.toml", "[plugins.framing_len]\nwidth = 1979-05-27\n", LOCAL,
+     r"FILE: plugins\.framing_len\.width: must be 1, 2, 4 or 8 \(bytes of length prefix\) \(got 1979-05-27\)"),
+    ("date.toml", "[plugins.auth_token]\ntokens = [1979-05-27]\n", LOCAL,
+     r"FILE: plugins\.auth_token\.tokens\[0\]: expected a non-empty string \(got 1979-05-27\)"),
+    ("inf.toml", "[plugins.auth_token]\ntokens = [\"t\"]\nauth_timeout = inf\n", LOCAL,
+     r"FILE: plugins\.auth_token\.auth_timeout: expected a number of seconds greater than 0 and at most 300 "
+     r"\(got Infinity\)"),
+    ("nan.toml", "[plugins.auth_token]\ntokens = [\"t\"]\nauth_timeout = nan\n", LOCAL,
+     r"FILE: plugins\.auth_token\.auth_timeout: .* \(got NaN\)"),
+    ("huge.toml", "[server]\nport = " + "9" * 5000 + "\n", LOCAL, r"FILE: not valid TOML: .*digits.*"),
+    ("huge.json", '{"server": {"idle_timeout": ' + "9" * 400 + "}}", LOCAL,
+     r"FILE: server\.idle_timeout: a number too large for any setting \(got 9{297}\.\.\.\)"),
+    ("surrogate.json", '{"plugins": {"framing_line": {"delimiter": "\\ud800"}}}', LOCAL,
+     r"FILE: plugins\.framing_line\.delimiter: not valid Unicode text \(got \"\\ud800\"\)"),
+    ("surrogate.json", '{"plugins": {"route_prefix": {"routes": {"\\udfff": ["h:1"]}}}}', LOCAL,
+     r"FILE: plugins\.route_prefix\.routes: a key is not valid Unicode text \(got \"\\udfff\"\)"),
+    ("pplex.json", '{"cluster": {"broker": "nats://127.0.0.1:0"}}', LOCAL,
+     r"FILE: cluster\.broker: the broker URL's port must be between 1 and 65535 \(got \"nats://127\.0\.0\.1:0\"\)"),
+    ("pplex.json", '{"cluster": {"broker": "nats://127.0.0.1:\\u00b2"}}', LOCAL,
+     r"FILE: cluster\.broker: the broker URL's port must be between 1 and 65535 .*"),
+    (None, None, [*LOCAL, "--broker", "nats://127.0.0.1:0"],
+     r"config: cluster\.broker: the broker URL's port must be between 1 and 65535 \(got \"nats://127\.0\.0\.1:0\"\)"),
+    (None, None, [*LOCAL, "--broker", "redis://127.0.0.1:0"], r"config: cluster\.broker: the broker URL's port .*"),
+    (None, None, ["--listen", "127.0.0.1:²", "--admin", "127.0.0.1:0"],
+     r"--listen: port must be a number from 0 to 65535 \(got \"127\.0\.0\.1:\\u00b2\"\)"),
+    (None, None, ["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:٣"],
+     r"--admin: port must be a number from 0 to 65535 \(got \"127\.0\.0\.1:\\u0663\"\)"),
+    (None, None, [*LOCAL, "--upstream", "127.0.0.1:²"], r"--upstream: port must be a number from 0 to 65535 .*"),
+    (None, None, [*LOCAL, "--upstream", "127.0.0.1:" + "1" * 5000],
+     r"--upstream: port must be a number from 0 to 65535 \(got \"127\.0\.0\.1:1{286}\.\.\.\)"),
+    (None, None, [*LOCAL, "--processes", "٣"], r"--processes: expected a whole number \(got \"\\u0663\"\)"),
+]
+
+
+@pytest.mark.parametrize("name, text, args, expected", HOSTILE, ids=[
+    "deep-array", "deep-object", "deep-toml", "40-levels", "toml-date", "toml-time", "toml-datetime",
+    "toml-date-plugin", "toml-date-in-list", "toml-inf-plugin", "toml-nan-plugin", "toml-5000-digits",
+    "json-400-digits", "surrogate-value", "surrogate-key", "broker-port-0", "broker-superscript-port",
+    "flag-nats-port-0", "flag-redis-port-0", "listen-superscript", "admin-arabic-digit", "upstream-superscript",
+    "upstream-5000-digits", "processes-arabic-digit"])
+def test_hostile_input_gives_exit_2_and_one_line_naming_it(tmp_path, name, text, args, expected):
+    if text is not None:
+        path = tmp_path / name
+        path.write_text(text)
+        args = [*args, "--config", str(path)]
+        expected = expected.replace("FILE", re.escape(str(path)))
+    started, checked = run(*args), run("check", *args)
+    assert (started.returncode, checked.returncode) == (2, 2), checked.stderr[-2000:]
+    lines = checked.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines == started.stderr.strip().splitlines()
+    assert re.fullmatch(expected, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("raw, flags", [
+    ({"server": [1]}, ["--listen", "127.0.0.1:0"]),
+    ({"server": "x"}, ["--processes", "1"]),
+    ({"server": None}, ["--listen", "127.0.0.1:0"]),
+    ({"server": {"port": True}}, ["--listen", "127.0.0.1:0"]),
+    ({"management_server": [1]}, ["--admin", "127.0.0.1:0"]),
+    ({"management_server": {"port": "x"}}, ["--admin", "127.0.0.1:0"]),
+    ({"cluster": [1]}, ["--broker", "nats://127.0.0.1:4222"]),
+    ({"cluster": {"broker": "nats://h:0"}}, ["--broker", "nats://127.0.0.1:4222"]),
+    ({"plugins": [[1]]}, ["--plugins", "rr"]),
+    ({"plugins": 5}, ["--plugins", "rr"]),
+    ({"upstream": {"host": "a"}}, ["--upstream", "127.0.0.1:1"]),
+    ({"transport": "x"}, ["--transport", "h2"]),
+])
+def test_flags_on_a_bad_file_give_the_line_the_file_alone_gives(tmp_path, raw, flags):
+    path = tmp_path / "pplex.json"
+    path.write_text(json.dumps(raw))
+    alone = run("check", "--config", str(path), *LOCAL)
+    assert alone.returncode == 2 and len(alone.stderr.strip().splitlines()) == 1, alone.stderr
+    assert alone.stderr.startswith(f"{path}: ")
+    for command in ([], ["check"]):
+        result = run(*command, "--config", str(path), *LOCAL, *flags)
+        assert (result.returncode, result.stderr) == (2, alone.stderr)
+
+
+@pytest.mark.parametrize("broker", ["nats", "redis"])
+def test_a_valid_broker_passes_check_without_a_broker_running(tmp_path, broker):
+    url = f"{broker}://127.0.0.1:{free_port()}"   # nothing listens there: check never connects
+    path = tmp_path / "pplex.json"
+    path.write_text(json.dumps({"cluster": {"broker": url}}))
+    for args in (["--broker", url], ["--config", str(path)], ["--broker", url, "--processes", "2"]):
+        result = run("check", *LOCAL, *args)
+        assert (result.returncode, result.stderr) == (0, ""), result.stderr
+        assert json.loads(result.stdout)["cluster"]["broker"] == url

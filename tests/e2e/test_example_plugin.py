@@ -58,7 +58,7 @@ def test_a_bad_pattern_is_a_one_line_config_error(installed, tmp_path):
     result = pplex_command("--config", str(config), pythonpath=installed)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "plugins.rooms.pattern: needs exactly one group, the room id; it has 0 (got \"^ROOM \\\\S+\")"]
+        f"{config}: plugins.rooms.pattern: needs exactly one group, the room id; it has 0 (got \"^ROOM \\\\S+\")"]
 
 
 def test_every_message_of_a_room_reaches_one_worker(installed, start_pplex, start_worker):

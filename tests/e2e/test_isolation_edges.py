@@ -141,8 +141,8 @@ def test_a_plugin_frame_limit_above_the_message_limit_is_a_config_error(tmp_path
     done = subprocess.run([sys.executable, "-m", "pplex", "--config", str(config)], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
-    assert done.stderr.strip() == ("plugins.framing_line.max_frame_bytes: must not be above the upstreams' "
-                                   "max_message_bytes (4194304) (got 8388608)")
+    assert done.stderr.strip() == (f"{config}: plugins.framing_line.max_frame_bytes: must not be above the "
+                                   "upstreams' max_message_bytes (4194304) (got 8388608)")
 
 
 # -- bad numbers ----------------------------------------------------------------------------------

@@ -115,5 +115,6 @@ def test_a_bad_cidr_exits_2_with_one_line_naming_it(tmp_path):
                             capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("plugins.auth_allow.allow[0]: not an IPv4 or IPv6 network")
+    assert len(lines) == 1
+    assert lines[0].startswith(f"{config_path}: plugins.auth_allow.allow[0]: not an IPv4 or IPv6 network")
     assert "10.0.0.300/8" in lines[0]

@@ -1,8 +1,10 @@
 """Enabling built-in plugins: startup errors (exit 2, one line), listings, and the access log."""
 import json
+import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -25,18 +27,28 @@ BUILTINS = {
 }
 
 
-def run_pplex(tmp_path, *args, config=None):
+def run_pplex(tmp_path, *args, config=None, env=None):
     command = [sys.executable, "-m", "pplex", *args]
     if config is not None:
         path = tmp_path / "pplex.json"
         path.write_text(json.dumps(config))
         command += ["--config", str(path)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, cwd=ROOT, env=env)
 
 
 @pytest.mark.parametrize("args, config, expected", [
     (["--plugins", "framing_len"], {"plugins": {"framing_len": {"width": 3}}},
      r"^plugins\.framing_len\.width: must be 1, 2, 4 or 8 .*\(got 3\)$"),
+    ([], {"plugins": {"framing_len": {"width": [1]}}},
+     r"^plugins\.framing_len\.width: must be 1, 2, 4 or 8 .*\(got \[1\]\)$"),
+    ([], {"plugins": {"framing_len": {"width": {"a": 1}}}}, r"^plugins\.framing_len\.width: must be 1, 2, 4 or 8 "),
+    ([], {"plugins": {"auth_allow": {"allow": [["10.0.0.0/8"]]}}}, r"^plugins\.auth_allow\.allow\[0\]: expected a CIDR"),
+    ([], {"plugins": {"route_prefix": {"routes": {"a": ["h:1"]}, "default": ["any"]}}},
+     r"^plugins\.route_prefix\.default: expected \"any\" or \"hold\""),
+    ([], {"plugins": {"route_prefix": {"routes": {"a": ["h:\u00b2"]}}}},
+     r"^plugins\.route_prefix\.routes\.a\[0\]: expected a worker address \"host:port\" \(got \"h:\\u00b2\"\)$"),
+    ([], {"plugins": {"auth_token": {"tokens": ["t"], "auth_timeout": 1e300}}},
+     r"^plugins\.auth_token\.auth_timeout: expected a number of seconds greater than 0 and at most 300 "),
     ([], {"plugins": {"framing_line": {"delimiter": ""}}}, r"^plugins\.framing_line\.delimiter: "),
     ([], {"plugins": {"auth_token": {"tokens": []}}}, r"^plugins\.auth_token\.tokens: "),
     ([], {"plugins": {"route_prefix": {"routes": {"a": ["nowhere"]}}}},
@@ -47,14 +59,70 @@ def run_pplex(tmp_path, *args, config=None):
     (["--plugins", "route_sticky,route_prefix"], {"plugins": {"route_prefix": {"routes": {"a": ["h:1"]}}}},
      r"^plugins: route_sticky and route_prefix both fill the route slot"),
     (["--plugins", "framing_lenn"], None, r"^plugins: unknown plugin 'framing_lenn'; valid names: .*framing_len"),
-], ids=["bad-width", "bad-delimiter", "no-tokens", "bad-address", "two-framings", "two-balancers",
+], ids=["bad-width", "width-list", "width-object", "cidr-list", "default-list", "address-superscript",
+        "huge-auth-timeout", "bad-delimiter", "no-tokens", "bad-address", "two-framings", "two-balancers",
         "two-routers", "unknown-name"])
 def test_bad_plugin_choice_or_setting_exits_2_with_one_line(tmp_path, args, config, expected):
     result = run_pplex(tmp_path, *args, config=config)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
-    assert re.search(expected, lines[0]), lines[0]
+    source = str(tmp_path / "pplex.json") if config is not None else "config"
+    assert lines[0].startswith(f"{source}: "), lines[0]  # as every config error: the file, then the path
+    assert re.search(expected, lines[0][len(source) + 2:]), lines[0]
+
+
+# Third-party plugins (installed as a distribution on PYTHONPATH) whose settings checks have bugs.
+BUGGY_PLUGINS = {
+    "buggy_size": textwrap.dedent('''
+        import voluptuous as vol
+        from pplex import hookimpl
+
+        def Size(value):
+            return {1: "one"}[value]  # KeyError for 2, TypeError for a list
+
+        def Note(value):
+            raise vol.Invalid("first line\\nsecond line")
+
+        @hookimpl
+        def pplex_settings_schema():
+            return {vol.Optional("size"): Size, vol.Optional("note"): Note}
+    '''),
+    "buggy_whole": textwrap.dedent('''
+        from pplex import hookimpl
+
+        def check(value):
+            raise RuntimeError("boom")
+
+        @hookimpl
+        def pplex_settings_schema():
+            return check
+    '''),
+}
+
+
+@pytest.mark.parametrize("settings, line", [
+    ({"buggy_size": {"size": 2}}, "plugins.buggy_size.size: the plugin's settings check failed: KeyError: 2"),
+    ({"buggy_size": {"size": [1]}},
+     "plugins.buggy_size.size: the plugin's settings check failed: TypeError: unhashable type: 'list'"),
+    ({"buggy_size": {"note": 1}}, "plugins.buggy_size.note: first line second line"),
+    ({"buggy_whole": {"any": 1}}, "plugins.buggy_whole: the plugin's settings check failed: RuntimeError: boom"),
+], ids=["raises-keyerror", "raises-typeerror", "two-line-message", "whole-schema-raises"])
+def test_a_plugin_whose_settings_check_raises_is_a_config_error_naming_the_setting(tmp_path, settings, line):
+    """Plugin settings validation is a fault boundary: whatever a plugin's schema raises is one line."""
+    info = tmp_path / "buggy-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: buggy\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[pplex.plugins]\n" + "".join(f"{n} = {n}\n" for n in BUGGY_PLUGINS))
+    for name, source in BUGGY_PLUGINS.items():
+        (tmp_path / f"{name}.py").write_text(source)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    config = {"plugins": settings}
+    for command in ([], ["check"]):
+        result = run_pplex(tmp_path, *command, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+                           config=config, env=env)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [f"{tmp_path / 'pplex.json'}: {line}"]
 
 
 def test_unknown_name_lists_every_valid_name(tmp_path):

@@ -1,4 +1,5 @@
 """Config validation: defaults, and one-line errors that name the path of the bad value."""
+import datetime
 import os
 
 import pytest
@@ -127,6 +128,19 @@ def test_toml_non_finite_numbers_are_refused_with_the_path(tmp_path, text, messa
     assert str(error.value) == f"{path}: upstream[0].alive_timeout: {message}"
 
 
+@pytest.mark.parametrize("value, shown", [
+    (datetime.date(1979, 5, 27), "1979-05-27"), (datetime.time(7, 32), "07:32:00"),
+    (datetime.datetime(1979, 5, 27, 7, 32, tzinfo=datetime.timezone.utc), "1979-05-27T07:32:00+00:00"),
+    (10 ** 400, "1" + "0" * 296 + "..."), ("x" * 1000, '"' + "x" * 296 + "..."),
+])
+def test_any_value_a_parser_makes_is_shown_in_the_error_line(value, shown):
+    """TOML dates and times (which json.dumps refuses), huge numbers and long strings: one short line."""
+    with pytest.raises(ConfigError) as error:
+        validate({"server": {"idle_timeout": value}}, "config.toml")
+    assert str(error.value).endswith(f"(got {shown})")
+    assert str(error.value).startswith("config.toml: server.idle_timeout: ")
+
+
 def test_plugins_may_be_a_list_of_names():
     assert validate({"plugins": ["framing_len", "rr"]})["plugins"] == {"framing_len": {}, "rr": {}}
 
@@ -137,7 +151,8 @@ def test_parse_address(text, expected):
     assert parse_address(text, "--listen") == expected
 
 
-@pytest.mark.parametrize("text", ["7999", ":80", "host:port"])
+@pytest.mark.parametrize("text", ["7999", ":80", "host:port", "host:\u00b2", "host:\u0663", "host:65536",
+                                  "host:" + "1" * 5000, "host:-1", "host:+1", "host: 1", "host:1_0"])
 def test_parse_address_rejects(text):
     with pytest.raises(ConfigError, match="--listen"):
         parse_address(text, "--listen")
