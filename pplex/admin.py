@@ -28,7 +28,7 @@ import waitress.server
 import waitress.task
 
 from pplex import admin_cluster, dashboard
-from pplex.config import describe_invalid, loads_json, validate_upstream
+from pplex.config import describe_invalid, is_number, loads_json, validate_upstream
 from pplex.errors import AdminRefusal, DuplicateUpstream
 from pplex.logs import FAULTS, RateLimited
 
@@ -98,10 +98,9 @@ def _int_param(name, default, low, high):
     text = bottle.request.query.get(name)
     if text is None or text == "":
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise HTTPError(400, f"{name}: expected an integer", field=name)
+    if not is_number(text, 18):  # ASCII digits only: int() also takes " 3", "1_0" and "٣"
+        raise HTTPError(400, f"{name}: expected a whole number of at most 18 digits", field=name)
+    value = int(text)
     if not low <= value <= high:
         raise HTTPError(400, f"{name}: must be between {low} and {high}", field=name)
     return value

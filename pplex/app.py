@@ -57,7 +57,7 @@ class App:
         self.plugins = PluginSet(enabled=list(config["plugins"]), settings=config["plugins"], source=source)
         check_frame_limits(self.plugins.settings, config["upstream"], source)
         self.context = Context(self.reactor, config, proxy=None)
-        self.plugins.configure(self.context)
+        self.plugins.configure(self.context, source)
         self.transport = TRANSPORTS[config["transport"]](self.reactor)
         log.info("workers are reached with the %s transport", config["transport"])
         self.proxy = Proxy(self.reactor, config, self.plugins, self.transport)

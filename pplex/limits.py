@@ -56,6 +56,8 @@ class Setting:
                 value = int(value)
             else:
                 raise vol.Invalid("expected an integer")
+        if isinstance(value, int) and not -2 ** 63 < value < 2 ** 63:  # compared as an int: no float overflow
+            raise vol.Invalid(f"must be {self.range_text()}")
         if not math.isfinite(value):
             raise vol.Invalid("must be a finite number")
         if value < self.low or (self.low_open and value == self.low) or value > self.high:

@@ -131,9 +131,16 @@ class PluginSet:
         except Exception as error:  # the schema as a whole (not a dict of keys) failed
             raise ConfigError(describe_invalid(voluptuous.Invalid(_failure(error)), ("plugins", name))) from error
 
-    def configure(self, context):
+    def configure(self, context, source=None):
+        """Each plugin's `pplex_configure`; whatever one raises stops startup with one line naming it."""
         for name in self.names():
-            self._only("pplex_configure", name)(settings=self.settings[name], context=context)
+            try:
+                self._only("pplex_configure", name)(settings=self.settings[name], context=context)
+            except Exception as error:
+                detail = str(error) if isinstance(error, ConfigError) else \
+                    f"pplex_configure failed: {type(error).__name__}: {error}"
+                line = f"plugins.{name}: {' '.join(detail.split())}"
+                raise ConfigError(f"{source}: {line}" if source else line) from error
 
     # -- resolution into direct calls --------------------------------------
     def resolve(self, hook_name):

@@ -180,6 +180,10 @@ def test_admin_requests_of_any_shape_get_json_4xx(start_pplex):
         ("POST", "/upstream/add", b"[" * 30000),           # nested too deeply for the parser
         ("POST", "/upstream/add", b'{"a":' * 10000 + b"1" + b"}" * 10000),
         ("GET", "/connections?limit=-1&offset=1e999", None),
+        ("GET", "/connections?limit=%D9%A3", None),           # an Arabic-Indic 3: digits are ASCII only
+        ("GET", "/connections?offset=1_0", None),
+        ("GET", "/groups?limit=" + "9" * 5000, None),
+        ("POST", "/upstream/add", b'{"host": "127.0.0.1", "port": 1, "alive_timeout": 1' + b"0" * 400 + b"}"),
         ("GET", "/connections?q=" + "x" * 500, None),
         ("DELETE", "/upstreams/%00%ff", None),
         ("GET", "/%ff%fe/../../etc/passwd", None),

@@ -98,6 +98,13 @@ BUGGY_PLUGINS = {
         def pplex_settings_schema():
             return check
     '''),
+    "buggy_configure": textwrap.dedent('''
+        from pplex import hookimpl
+
+        @hookimpl
+        def pplex_configure(settings, context):
+            raise OSError("cannot open\\nthe table")
+    '''),
 }
 
 
@@ -107,7 +114,8 @@ BUGGY_PLUGINS = {
      "plugins.buggy_size.size: the plugin's settings check failed: TypeError: unhashable type: 'list'"),
     ({"buggy_size": {"note": 1}}, "plugins.buggy_size.note: first line second line"),
     ({"buggy_whole": {"any": 1}}, "plugins.buggy_whole: the plugin's settings check failed: RuntimeError: boom"),
-], ids=["raises-keyerror", "raises-typeerror", "two-line-message", "whole-schema-raises"])
+    ({"buggy_configure": {}}, "plugins.buggy_configure: pplex_configure failed: OSError: cannot open the table"),
+], ids=["raises-keyerror", "raises-typeerror", "two-line-message", "whole-schema-raises", "configure-raises"])
 def test_a_plugin_whose_settings_check_raises_is_a_config_error_naming_the_setting(tmp_path, settings, line):
     """Plugin settings validation is a fault boundary: whatever a plugin's schema raises is one line."""
     info = tmp_path / "buggy-1.0.dist-info"
