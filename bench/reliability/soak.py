@@ -156,7 +156,10 @@ def run_mode(ctx, transport, label, redeliver):
     sec.figure("duplicates (an echo that came back twice)", fmt_int(result["duplicates"]), result["duplicates"])
     drops = result["drops"]
     closes = dict_delta(stats_before["closes"], stats["closes"])
-    sec.figure("client drops", str(drops), drops, "0", drops == 0 and not closes)
+    # A drop seen by a client, or a client pplex closed during the soak (its reason shown): both fail.
+    text = str(drops) + (" (pplex closed %s)" % ", ".join("%s %s" % (v, k) for k, v in sorted(closes.items()))
+                         if closes else "")
+    sec.figure("client drops", text, drops, "0", drops == 0 and not closes)
     sec.figure("echoes malformed or for another client", str(result["malformed"]), result["malformed"], "0",
                result["malformed"] == 0)
     sec.figure("pplex alive, exceptions in its log", "%s, %d" % ("yes" if alive else "NO", faults_logged),
